@@ -1,0 +1,307 @@
+"""The one-step generator G(x, z, gamma) of Parmar et al. 2024 on a shared SD-Turbo base.
+
+    latent = enc(x)                                  VAE encoder, keeping its skip activations
+    latent = gamma * latent + (1 - gamma) * z        only in stochastic mode (noise map z given)
+    eps    = unet(latent, t=999, prompt)             LoRA deltas scaled by gamma
+    x0     = (latent - sqrt(1 - a) * eps) / sqrt(a)  one-step prediction, a = alphas_cumprod[999]
+    out    = dec(x0, gamma * skips).clamp(-1, 1)     decoder with skip convs (and VAE LoRA)
+
+Many models (adapter sets) can be loaded into one generator; each call names the model and the
+direction it runs, so no state carries over from one call to the next.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from turbo import lora
+from turbo.base import BaseModel
+from turbo.checkpoint import CheckpointError, TurboCheckpoint
+from turbo.conv_in import SwitchableConvIn
+from turbo.skip_vae import SkipVAE
+
+
+@dataclass
+class LoadedModel:
+    """Book-keeping for one model loaded into the generator."""
+
+    name: str
+    id: str
+    kind: str
+    stochastic: bool
+    rank_unet: int
+    alpha_unet: float
+    rank_vae: int
+    alpha_vae: float
+    directions: list[str]
+    has_conv_in: bool = True
+
+    def vae_id(self, direction: str) -> str:
+        return f"{self.id}_{direction}"
+
+
+class Generator(nn.Module):
+    """SD-Turbo's UNet and VAE (frozen) plus per-model LoRA adapters, skip convs and first convs."""
+
+    def __init__(self, base: BaseModel):
+        super().__init__()
+        unet = base.unet
+        if not isinstance(unet.conv_in, SwitchableConvIn):
+            unet.conv_in = SwitchableConvIn(unet.conv_in)
+        self.unet = unet
+        self.vae = SkipVAE(base.vae)
+        self.schedule = base.schedule
+        self.models: dict[str, LoadedModel] = {}
+        self._ids = itertools.count()
+
+    # ---- names: checkpoints use the diffusers module names; adapters get short internal ids ----
+    @staticmethod
+    def _unet_module(mid: str, name: str) -> str:
+        return f"conv_in.trained.{mid}" if name == "conv_in" else name
+
+    @staticmethod
+    def _vae_module(vid: str, name: str) -> str:
+        return name.replace("decoder.skip_conv_", f"skips.{vid}.skip_conv_", 1)
+
+    def _unet_targets(self, patterns) -> list[str]:
+        return lora.find_targets(self.unet, patterns, skip_prefixes=("conv_in.",)) + (
+            ["conv_in"] if lora.matches("conv_in", patterns) else []
+        )
+
+    def _vae_targets(self, patterns) -> list[str]:
+        names = lora.find_targets(self.vae, patterns, skip_prefixes=("skips.",))
+        n = len(self.vae.skip_in_channels)
+        return names + [
+            f"decoder.skip_conv_{i + 1}" for i in range(n) if lora.matches(f"skip_conv_{i + 1}", patterns)
+        ]
+
+    # ---- adding and removing models ----
+    def _add(self, name, kind, stochastic, ranks, unet_targets, vae_targets, directions) -> LoadedModel:
+        if name in self.models:
+            raise ValueError(f"a model named {name!r} is already loaded")
+        m = LoadedModel(name, f"m{next(self._ids)}", kind, stochastic, *ranks, directions=list(directions))
+        self.models[name] = m
+        try:
+            self.unet.conv_in.add(m.id, twin=stochastic)
+            lora.add_lora(self.unet, m.id, [self._unet_module(m.id, t) for t in unet_targets], *ranks[:2])
+            for d in directions:
+                vid = m.vae_id(d)
+                self.vae.add_skips(vid)
+                lora.add_lora(self.vae, vid, [self._vae_module(vid, t) for t in vae_targets[d]], *ranks[2:])
+        except Exception:
+            self.remove_model(name)
+            raise
+        return m
+
+    def new_model(
+        self,
+        name: str,
+        kind: str = "paired",
+        stochastic: bool = False,
+        rank_unet: int = 8,
+        rank_vae: int = 4,
+        alpha_unet: float | None = None,
+        alpha_vae: float = 8,
+        unet_targets: list[str] | None = None,
+        vae_targets: list[str] | None = None,
+    ) -> LoadedModel:
+        """A fresh model to train, initialised as the original: LoRA B = 0, skip convs = 1e-5.
+
+        Defaults follow the original: paired LoRA alpha 8 (peft's default), unpaired UNet alpha =
+        rank with targets grepped from the UNet; target lists are diffusers module names.
+        """
+        directions = ["a2b"] if kind == "paired" else ["a2b", "b2a"]
+        if unet_targets is None:
+            if kind == "paired":
+                unet_targets = self._unet_targets(lora.PAIRED_UNET_PATTERNS)
+            else:
+                unet_targets = [t for g in lora.unpaired_unet_groups(self.unet).values() for t in g]
+        if alpha_unet is None:
+            alpha_unet = 8 if kind == "paired" else rank_unet
+        vae_targets = vae_targets or self._vae_targets(lora.VAE_PATTERNS)
+        ranks = (rank_unet, alpha_unet, rank_vae, alpha_vae)
+        return self._add(
+            name, kind, stochastic, ranks, unet_targets, dict.fromkeys(directions, vae_targets), directions
+        )
+
+    def add_checkpoint(self, name: str, ckpt: TurboCheckpoint) -> LoadedModel:
+        """Load a trained model; raises CheckpointError (and adds nothing) if it does not fit the base."""
+        where = ckpt.source or name
+
+        def targets(sd):
+            return sorted({k.rsplit(".lora_", 1)[0] for k in sd if k.endswith(".lora_A.weight")})
+
+        vae_targets = {d: targets(sd) for d, sd in ckpt.vae.items()}
+        ranks = (ckpt.rank_unet, ckpt.alpha_unet, ckpt.rank_vae, ckpt.alpha_vae)
+        try:
+            m = self._add(
+                name, ckpt.kind, ckpt.stochastic, ranks, targets(ckpt.unet), vae_targets, ckpt.directions
+            )
+        except (ValueError, KeyError, AttributeError, RuntimeError) as e:
+            if isinstance(e, ValueError) and "already loaded" in str(e):
+                raise
+            raise CheckpointError(f"{where} does not fit the base model: {e}") from e
+        try:
+            self._load_weights(m, ckpt, where)
+        except (lora.LoraWeightsError, RuntimeError, KeyError) as e:
+            self.remove_model(name)
+            raise CheckpointError(f"{where} does not fit the base model: {e}") from e
+        return m
+
+    def _load_weights(self, m: LoadedModel, ckpt: TurboCheckpoint, where: str) -> None:
+        unet_lora = {}
+        for k, v in ckpt.unet.items():
+            if ".lora_" in k:
+                module, tail = k.rsplit(".lora_", 1)
+                unet_lora[f"{self._unet_module(m.id, module)}.lora_{tail}"] = v
+        lora.load_lora_weights(self.unet, m.id, unet_lora, where)
+        conv = self.unet.conv_in
+        with torch.no_grad():
+            for src, dst in (
+                ("conv_in", conv.trained[m.id]),
+                ("conv_in_pretrained", conv.twins[m.id] if m.stochastic else None),
+            ):
+                if dst is None:
+                    continue
+                for p in ("weight", "bias"):
+                    if f"{src}.{p}" in ckpt.unet:
+                        _copy(getattr(dst, p), ckpt.unet[f"{src}.{p}"], f"{where}: unet {src}.{p}")
+            for d, sd in ckpt.vae.items():
+                vid = m.vae_id(d)
+                lora.load_lora_weights(
+                    self.vae,
+                    vid,
+                    {self._vae_module(vid, k): v for k, v in sd.items() if ".lora_" in k},
+                    where,
+                )
+                skips = self.vae.skips[vid]
+                for i, sname in enumerate(skips.names):
+                    key = f"decoder.{sname}.weight"
+                    if key not in sd:
+                        raise KeyError(f"direction {d} lacks {key}")
+                    conv_i = skips[i].get_base_layer() if hasattr(skips[i], "get_base_layer") else skips[i]
+                    _copy(conv_i.weight, sd[key], f"{where}: vae {d} {key}")
+
+    def remove_model(self, name: str) -> None:
+        """Unload a model: its LoRA layers, skip convs and first conv are deleted."""
+        m = self.models.pop(name, None)
+        if m is None:
+            return
+        lora.remove_lora(self.unet, m.id)
+        self.unet.conv_in.remove(m.id)
+        for d in m.directions:
+            lora.remove_lora(self.vae, m.vae_id(d))
+            if m.vae_id(d) in self.vae.skips:
+                del self.vae.skips[m.vae_id(d)]
+
+    # ---- training and export ----
+    def trainable_parameters(self, name: str) -> list[nn.Parameter]:
+        """What the paper trains: UNet/VAE LoRA, the first conv and the skip convs (made trainable)."""
+        m = self.models[name]
+        params = lora.lora_parameters(self.unet, m.id) + list(self.unet.conv_in.trained[m.id].parameters())
+        for d in m.directions:
+            params += lora.lora_parameters(self.vae, m.vae_id(d)) + list(
+                self.vae.skips[m.vae_id(d)].parameters()
+            )
+        seen, out = set(), []
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                p.requires_grad_(True)
+                out.append(p)
+        return out
+
+    def export(self, name: str, **fields) -> TurboCheckpoint:
+        """The model's trained tensors as a `TurboCheckpoint` (fields: prompts, input, image_prep, ...)."""
+        m = self.models[name]
+
+        def unet_key(k: str) -> str:
+            return k.replace(f"conv_in.trained.{m.id}.", "conv_in.")
+
+        unet = {unet_key(k): v for k, v in lora.lora_weights(self.unet, m.id).items()}
+        trained = self.unet.conv_in.trained[m.id]
+        trained = trained.get_base_layer() if hasattr(trained, "get_base_layer") else trained
+        unet.update({"conv_in.weight": trained.weight.detach(), "conv_in.bias": trained.bias.detach()})
+        if m.stochastic:
+            twin = self.unet.conv_in.twins[m.id]
+            unet.update(
+                {
+                    "conv_in_pretrained.weight": twin.weight.detach(),
+                    "conv_in_pretrained.bias": twin.bias.detach(),
+                }
+            )
+        vae = {}
+        for d in m.directions:
+            vid = m.vae_id(d)
+            sd = {
+                k.replace(f"skips.{vid}.", "decoder."): v for k, v in lora.lora_weights(self.vae, vid).items()
+            }
+            skips = self.vae.skips[vid]
+            for i, sname in enumerate(skips.names):
+                conv_i = skips[i].get_base_layer() if hasattr(skips[i], "get_base_layer") else skips[i]
+                sd[f"decoder.{sname}.weight"] = conv_i.weight.detach()
+            vae[d] = sd
+        ckpt = TurboCheckpoint(
+            kind=m.kind, stochastic=m.stochastic, rank_unet=m.rank_unet, alpha_unet=m.alpha_unet,
+            rank_vae=m.rank_vae, alpha_vae=m.alpha_vae, unet=unet, vae=vae, **fields,
+        )  # fmt: skip
+        if "input" not in fields:
+            ckpt.input = "unpaired" if m.kind == "unpaired" else ("sketch" if m.stochastic else "none")
+        return ckpt
+
+    # ---- the forward pass ----
+    def activate(self, name: str, direction: str = "a2b", gamma: float | torch.Tensor = 1.0) -> None:
+        """Make `name`'s adapters for `direction` the ones that run, scaled by `gamma`."""
+        m = self.models.get(name)
+        if m is None:
+            raise KeyError(f"model {name!r} is not loaded (loaded: {', '.join(self.models) or 'none'})")
+        if direction not in m.directions:
+            raise ValueError(
+                f"model {name!r} has no direction {direction!r} (it has {', '.join(m.directions)})"
+            )
+        lora.activate(self.unet, m.id, gamma)
+        lora.activate(self.vae, m.vae_id(direction), gamma)
+        self.unet.conv_in.active, self.unet.conv_in.gamma = m.id, gamma
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        text_emb: torch.Tensor,
+        model: str,
+        direction: str = "a2b",
+        gamma: float | torch.Tensor = 1.0,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Translate `x` in one step.
+
+        x: input image, (B, 3, H, W), H and W multiples of 8; [0, 1] for paired models (edges,
+        sketches), [-1, 1] for unpaired ones. text_emb: (B or 1, 77, D). gamma in [0, 1], a float
+        or a per-sample tensor (B,); with gamma < 1 a noise map z (B, 4, H/8, W/8) is required.
+        Returns the image in [-1, 1], (B, 3, H, W).
+        """
+        if noise is None and not (isinstance(gamma, (int, float)) and gamma == 1):
+            raise ValueError("gamma < 1 needs a noise map (stochastic mode)")
+        self.activate(model, direction, gamma)
+        dtype = self.unet.dtype
+        g = gamma.to(x.device, dtype).reshape(-1, 1, 1, 1) if isinstance(gamma, torch.Tensor) else gamma
+        latent, acts = self.vae.encode(x.to(dtype))
+        if noise is not None:
+            latent = latent * g + noise.to(latent.device, latent.dtype) * (1 - g)
+        if text_emb.shape[0] != latent.shape[0]:
+            text_emb = text_emb.expand(latent.shape[0], *text_emb.shape[1:])
+        t = torch.tensor([self.schedule.timestep], device=latent.device, dtype=torch.long)
+        eps = self.unet(latent, t, encoder_hidden_states=text_emb.to(dtype)).sample
+        x0 = self.schedule.x0(eps, latent)
+        m = self.models[model]
+        out = self.vae.decode(x0, acts, self.vae.skips[m.vae_id(direction)], gamma)
+        return out.clamp(-1, 1)
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:
+    if dst.shape != src.shape:
+        raise CheckpointError(f"{what} has shape {tuple(src.shape)}, the base needs {tuple(dst.shape)}")
+    dst.copy_(src.to(dst.dtype))
