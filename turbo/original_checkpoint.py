@@ -70,7 +70,7 @@ def _paired(sd: dict, path: Path) -> TurboCheckpoint:
         alpha_vae=PEFT_DEFAULT_ALPHA,
         unet=unet,
         vae={"a2b": vae},
-        input="sketch" if twin else "none",
+        input="none",  # the original CLI feeds a custom paired model the image as given
         source=str(path),
     )
 

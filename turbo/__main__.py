@@ -1,0 +1,5 @@
+import sys
+
+from turbo.cli import main
+
+sys.exit(main())

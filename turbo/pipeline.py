@@ -1,0 +1,262 @@
+"""The cached translation pipeline: one base per process, models loaded once and kept (LRU).
+
+`Pipeline.translate` takes a PIL image and returns the translated PIL image of the same size,
+doing the preprocessing each model was trained with (Canny edges, sketch strokes, [-1, 1] photos).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from turbo import preprocess as pp
+from turbo.base import DEFAULT_BASE, load_base
+from turbo.checkpoint import TurboCheckpoint, load_checkpoint
+from turbo.generator import Generator
+from turbo.registry import RELEASED, UnknownModelError, checkpoint_path
+
+logger = logging.getLogger(__name__)
+
+
+class PromptError(ValueError):
+    """A prompt is missing where the model needs one."""
+
+
+class GammaError(ValueError):
+    """A gamma outside [0, 1], or given to a model that has no use for it."""
+
+
+@dataclass
+class ModelInfo:
+    """What the app and the CLI need to know about a loaded model."""
+
+    key: str  # released name, or the resolved checkpoint path
+    name: str  # what users see
+    kind: str  # paired | unpaired
+    stochastic: bool
+    directions: list[str]
+    input: str  # canny | sketch | none | unpaired
+    image_prep: str | None
+    prompts: dict[str, str] = field(default_factory=dict)
+    default_direction: str = "a2b"
+    default_gamma: float | None = None
+    example_prompt: str | None = None
+    mtime: float | None = None
+
+
+@dataclass
+class Translation:
+    image: Image.Image
+    seconds: float
+    condition: Image.Image | None  # what the model saw for edge/sketch inputs (for display)
+    prompt: str
+    direction: str
+    gamma: float
+
+
+def noise_map(seed: int, height: int, width: int) -> torch.Tensor:
+    """The stochastic mode's noise z, (1, 4, height/8, width/8), drawn on the cpu so a seed gives
+    the same image on every device."""
+    g = torch.Generator("cpu").manual_seed(int(seed))
+    return torch.randn((1, 4, height // 8, width // 8), generator=g)
+
+
+def _info_for(key: str, ckpt: TurboCheckpoint, mtime: float | None) -> ModelInfo:
+    released = RELEASED.get(key)
+    if released is not None:
+        direction = released.direction or "a2b"
+        prompts = {direction: released.caption} if released.caption else {}
+        return ModelInfo(
+            key=key, name=key, kind=released.kind, stochastic=released.stochastic, directions=[direction],
+            input=released.preprocess, image_prep=released.image_prep, prompts=prompts,
+            default_direction=direction, default_gamma=released.default_gamma,
+            example_prompt=released.example_prompt,
+        )  # fmt: skip
+    return ModelInfo(
+        key=key, name=Path(key).stem, kind=ckpt.kind, stochastic=ckpt.stochastic, directions=ckpt.directions,
+        input=ckpt.input, image_prep=ckpt.image_prep, prompts=dict(ckpt.prompts),
+        default_direction=ckpt.directions[0], default_gamma=0.4 if ckpt.stochastic else None, mtime=mtime,
+    )  # fmt: skip
+
+
+class Pipeline:
+    """A base model with a bounded, least-recently-used cache of loaded models.
+
+    Thread-safe: translations run one at a time (the lock also guards loading and eviction).
+    """
+
+    def __init__(
+        self,
+        base: str | Path = DEFAULT_BASE,
+        device: str | None = None,
+        dtype: str | None = None,
+        max_models: int = 4,
+        cache_dir: Path | None = None,
+        max_side: int = 2048,
+    ):
+        self.base = load_base(base, device, dtype)
+        self.generator = Generator(self.base).eval()
+        self.max_models = max_models
+        self.cache_dir = cache_dir
+        self.max_side = max_side
+        self.models: OrderedDict[str, ModelInfo] = OrderedDict()
+        self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.lock = threading.RLock()
+
+    # ---- models ----
+    @staticmethod
+    def resolve(model: str | Path) -> tuple[str, Path | None]:
+        """A released name -> (name, None); a checkpoint file -> (resolved path, path)."""
+        if isinstance(model, str) and model in RELEASED:
+            return model, None
+        path = Path(model).expanduser()
+        if path.is_file():
+            return str(path.resolve()), path.resolve()
+        raise UnknownModelError(
+            f"unknown model {str(model)!r}: give one of {', '.join(RELEASED)} or the path of a "
+            f".safetensors/.pkl checkpoint"
+        )
+
+    def load(self, model: str | Path) -> ModelInfo:
+        """Load (or fetch from the cache) a released model or a checkpoint file; a file that changed
+        on disk since it was loaded is loaded again."""
+        key, path = self.resolve(model)
+        with self.lock:
+            mtime = path.stat().st_mtime if path is not None else None
+            info = self.models.get(key)
+            if info is not None and info.mtime == mtime:
+                self.models.move_to_end(key)
+                return info
+            ckpt = load_checkpoint(path if path is not None else checkpoint_path(key, self.cache_dir))
+            if info is not None:
+                self.unload(key)
+            while len(self.models) >= self.max_models:
+                oldest = next(iter(self.models))
+                logger.info("evicting %s from the model cache", oldest)
+                self.unload(oldest)
+            self.generator.add_checkpoint(key, ckpt)
+            info = _info_for(key, ckpt, mtime)
+            self.models[key] = info
+            return info
+
+    def unload(self, key: str) -> None:
+        with self.lock:
+            self.models.pop(key, None)
+            self.generator.remove_model(key)
+
+    # ---- prompts ----
+    def prompt_embedding(self, prompt: str) -> torch.Tensor:
+        """Text embedding (1, 77, D), cached per prompt (bounded)."""
+        emb = self._prompts.get(prompt)
+        if emb is None:
+            emb = self.base.encode_prompt([prompt])
+            self._prompts[prompt] = emb
+            if len(self._prompts) > 64:
+                self._prompts.popitem(last=False)
+        else:
+            self._prompts.move_to_end(prompt)
+        return emb
+
+    @staticmethod
+    def pick_prompt(info: ModelInfo, prompt: str | None, direction: str) -> str:
+        prompt = (prompt or "").strip() or info.prompts.get(direction)
+        if not prompt:
+            raise PromptError(f"model {info.name} needs a prompt (describe the image you want)")
+        return prompt
+
+    # ---- translation ----
+    def prepare(
+        self,
+        image: Image.Image,
+        info: ModelInfo,
+        canny_low: int = 100,
+        canny_high: int = 200,
+        preprocess: str | None = None,
+    ) -> tuple[torch.Tensor, Image.Image | None]:
+        """PIL image -> model input (1, 3, H, W) (H, W multiples of 8) and the condition image shown
+        to users (edges/sketch, or None). `preprocess` overrides a paired model's own preparation."""
+        kind = info.input
+        if preprocess is not None:
+            if info.kind != "paired":
+                raise ValueError("a preprocessing override applies to paired models only")
+            kind = preprocess
+        if kind == "unpaired":
+            prepped = pp.build_transform(info.image_prep)(image) if info.image_prep else image
+            return pp.to_model_input(pp.resize_to_multiple_of_8(prepped), "unpaired"), None
+        image = pp.resize_to_multiple_of_8(image)
+        if kind == "canny":
+            edges = pp.canny_edges(image, canny_low, canny_high)
+            return pp.to_model_input(edges, "canny"), pp.invert(edges)
+        if kind == "sketch":
+            return pp.to_model_input(image, "sketch"), image
+        return pp.to_model_input(image, "none"), None
+
+    def translate(
+        self,
+        image: Image.Image | str | Path,
+        model: str | Path,
+        prompt: str | None = None,
+        direction: str | None = None,
+        gamma: float | None = None,
+        seed: int = 42,
+        canny_low: int = 100,
+        canny_high: int = 200,
+        preprocess: str | None = None,
+    ) -> Translation:
+        """Translate one image with `model` (released name or checkpoint path).
+
+        gamma in [0, 1] (stochastic mode, paired models; default: the model's, else deterministic);
+        the noise map comes from `seed` (see `noise_map`). Returns an image of the input's size.
+        """
+        if not isinstance(image, Image.Image):
+            image = pp.load_image(image, max_side=self.max_side)
+        if gamma is not None and not 0.0 <= float(gamma) <= 1.0:
+            raise GammaError(f"gamma must be in [0, 1], got {gamma}")
+        with self.lock:
+            start = time.perf_counter()
+            info = self.load(model)
+            direction = direction or info.default_direction
+            if direction not in info.directions:
+                raise ValueError(
+                    f"model {info.name} has no direction {direction} (it has {', '.join(info.directions)})"
+                )
+            prompt = self.pick_prompt(info, prompt, direction)
+            if gamma is None:
+                gamma = info.default_gamma if info.default_gamma is not None else 1.0
+            if info.kind == "unpaired" and gamma != 1.0:
+                raise GammaError(
+                    "gamma applies to paired models only; unpaired models translate deterministically"
+                )
+            x, condition = self.prepare(image, info, canny_low, canny_high, preprocess)
+            dev = self.base.device
+            noise = noise_map(seed, x.shape[2], x.shape[3]).to(dev) if gamma < 1.0 else None
+            with torch.inference_mode():
+                out = self.generator(
+                    x.to(dev), self.prompt_embedding(prompt), info.key, direction, gamma, noise
+                )
+            result = pp.restore_size(pp.to_pil(out[0]), image.size)
+            return Translation(
+                result, time.perf_counter() - start, condition, prompt, direction, float(gamma)
+            )
+
+
+_shared: dict[tuple, Pipeline] = {}
+_shared_lock = threading.Lock()
+
+
+def get_pipeline(
+    base: str | Path = DEFAULT_BASE, device: str | None = None, dtype: str | None = None, **kw
+) -> Pipeline:
+    """The process-wide pipeline for (base, device, dtype): the base loads once per process."""
+    key = (str(base), device, dtype)
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = Pipeline(base, device, dtype, **kw)
+        return _shared[key]
