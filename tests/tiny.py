@@ -41,14 +41,14 @@ def _write_tokenizer(folder: Path) -> None:
     tok.save_pretrained(str(folder))
 
 
-def tiny_unet(seed: int = 0) -> UNet2DConditionModel:
+def tiny_unet(seed: int = 0, channels: tuple[int, int] = (16, 32)) -> UNet2DConditionModel:
     torch.manual_seed(seed)
     return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(16, 32),
+        block_out_channels=channels,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         attention_head_dim=(2, 4),
@@ -95,12 +95,12 @@ def tiny_text_encoder(seed: int = 0) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def make_tiny_base(folder: Path, seed: int = 0) -> Path:
+def make_tiny_base(folder: Path, seed: int = 0, unet_channels: tuple[int, int] = (16, 32)) -> Path:
     """Write a tiny SD-Turbo-shaped base model in diffusers layout to `folder` and return it."""
     folder = Path(folder)
     _write_tokenizer(folder / "tokenizer")
     tiny_text_encoder(seed).save_pretrained(folder / "text_encoder")
-    tiny_unet(seed).save_pretrained(folder / "unet")
+    tiny_unet(seed, unet_channels).save_pretrained(folder / "unet")
     tiny_vae(seed).save_pretrained(folder / "vae")
     (folder / "scheduler").mkdir(parents=True, exist_ok=True)
     config = {"_class_name": "EulerDiscreteScheduler", **SCHEDULER_CONFIG}

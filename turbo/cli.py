@@ -28,13 +28,6 @@ USER_ERRORS = (
 )  # fmt: skip
 
 
-def _gamma(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"gamma must be in [0, 1], got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m turbo", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -50,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--direction", choices=["a2b", "b2a"], help="for unpaired checkpoints (default: the model's)"
     )
-    t.add_argument("--gamma", type=_gamma, help="0..1, stochastic mode of paired models (sketch default 0.4)")
+    t.add_argument("--gamma", type=float, help="0..1, stochastic mode of paired models (sketch default 0.4)")
     t.add_argument("--seed", type=int, default=42, help="seed of the noise map in stochastic mode")
     t.add_argument("--base", default=DEFAULT_BASE, help="base model: hub id or local diffusers folder")
     t.add_argument("--device", default=None, help="cuda, mps, cpu (default: the best available)")
@@ -86,6 +79,8 @@ def _images_in(folder: Path) -> list[Path]:
 def translate(args: argparse.Namespace) -> int:
     if not args.input.exists():
         raise FileNotFoundError(f"no such input: {args.input}")
+    if args.gamma is not None and not 0.0 <= args.gamma <= 1.0:
+        raise GammaError(f"--gamma must be in [0, 1], got {args.gamma}")
     Pipeline.resolve(args.model)  # an unknown model fails before the base loads
     pipe = Pipeline(args.base, args.device, args.dtype, max_models=1)
     info = pipe.load(args.model)
