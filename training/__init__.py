@@ -1,0 +1,1 @@
+"""turbo training: datasets, losses, the CLIP discriminator, metrics, trainers."""
