@@ -1,0 +1,109 @@
+"""The app in a real browser: headless Debian Chromium (the system one; Playwright cannot download its
+own here) draws a stroke, sees the output, moves the gamma slider and selects another model.
+
+Needs `apt-get install -y chromium` (CI installs it). Without the browser the test fails when CI=true
+and is skipped otherwise. The screenshot goes to test-artifacts/app_browser.png (git-ignored).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+from test_app_handlers import checkpoint_files
+from test_app_server import free_port
+
+import app as app_module
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+FLAGS = [
+    "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+TIMEOUT_MS = 120_000  # the canvas renders in software and the cpu is shared: wait for results, not sleeps
+
+pytestmark = pytest.mark.slow
+
+
+def require_browser() -> None:
+    if Path(CHROMIUM).is_file():
+        return
+    message = f"no Chromium at {CHROMIUM}: install it with `apt-get install -y chromium` (or set CHROMIUM)"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def url(tiny_base_dir, tmp_path_factory):
+    require_browser()
+    folder = tmp_path_factory.mktemp("browser") / "checkpoints"
+    folder.mkdir()
+    for name in ("sketch", "edges"):
+        path = shutil.copy(checkpoint_files(str(tiny_base_dir))[name], folder)
+        os.utime(path, (time.time() - 60, time.time() - 60))
+    port = free_port()
+    args = app_module.build_parser().parse_args(
+        ["--base", str(tiny_base_dir), "--models-dir", str(folder), "--device", "cpu", "--port", str(port),
+         "--model", "sketch.safetensors", "--canvas-size", "128"]
+    )  # fmt: skip
+    demo = app_module.build_demo(args)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_draw_a_stroke_move_gamma_and_switch_model_in_chromium(url):
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        try:
+            page.goto(url)
+            page.wait_for_selector("#sketch canvas", timeout=TIMEOUT_MS)
+            status = page.locator("#status")
+            # the Brush tool must be selected before drawing
+            page.locator("#sketch button[aria-label='Brush']").click()
+            box = page.locator("#sketch canvas").first.bounding_box()
+            x0, y0 = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3
+            page.mouse.move(x0, y0)
+            page.mouse.down()
+            for i in range(1, 15):
+                page.mouse.move(x0 + 8 * i, y0 + 6 * i)
+            page.mouse.up()
+            # a finished stroke runs the translation without a button press
+            expect(page.locator("#output img")).to_be_visible(timeout=TIMEOUT_MS)
+            expect(status).to_contain_text("Gamma 0.40", timeout=TIMEOUT_MS)
+            assert "sketch.safetensors" in status.inner_text()
+            # moving the gamma slider re-runs it
+            slider = page.locator("#gamma input[type=range]")
+            r = slider.bounding_box()
+            page.mouse.click(r["x"] + r["width"] * 0.8, r["y"] + r["height"] / 2)
+            expect(status).to_contain_text("Gamma 0.80", timeout=TIMEOUT_MS)
+            # selecting another model adapts the controls and re-runs on the current input
+            page.locator("#model input").click()
+            page.get_by_role("option", name="edges.safetensors").click()
+            expect(page.locator("#info")).to_contain_text("Canny edges", timeout=TIMEOUT_MS)
+            # this checkpoint has no default prompt: the UI says so, and Enter in the prompt box re-runs
+            expect(status).to_contain_text("needs a prompt", timeout=TIMEOUT_MS)
+            page.locator("#prompt textarea").fill("a red barn")
+            page.locator("#prompt textarea").press("Enter")
+            expect(status).to_contain_text("with edges.safetensors", timeout=TIMEOUT_MS)
+            expect(slider).to_be_disabled()  # gamma does not apply to a deterministic model
+            page.screenshot(path=str(ARTIFACTS / "app_browser.png"), full_page=True)
+        except Exception:
+            page.screenshot(path=str(ARTIFACTS / "app_browser_failure.png"), full_page=True)
+            raise
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "app_browser.png").stat().st_size > 10_000
+    hosts = {u.split("/")[2] for u in requests if u.startswith("http")}
+    assert hosts == {url.split("/")[2]}  # the page fetched nothing from elsewhere

@@ -1,0 +1,331 @@
+"""The app's logic without a server: the models folder scanner and the handlers, on a tiny random base.
+
+`checkpoint_files` and `sketch_image` are shared with tests/test_app_server.py and test_app_browser.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from turbo.app_handlers import GPU, NO_STYLE, MissingInputError, TurboApp
+from turbo.models_folder import ModelsFolder, UploadError, is_candidate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def checkpoint_files(base_dir: str) -> dict[str, Path]:
+    """Three small checkpoints made on the tiny base (once per process), in a folder of their own:
+    "sketch" (paired, stochastic, sketch input, default prompt), "edges" (paired, canny, no prompt),
+    "unpaired" (both directions, captions)."""
+    from turbo.base import load_base
+    from turbo.checkpoint import save_checkpoint
+    from turbo.generator import Generator
+
+    out = Path(tempfile.mkdtemp(prefix="turbo-app-ckpts-"))
+    g = Generator(load_base(base_dir, device="cpu"))
+    specs = {
+        "sketch": dict(kind="paired", stochastic=True, prompts={"a2b": "a cat"}, input="sketch"),
+        "edges": dict(kind="paired", stochastic=False, prompts={}, input="canny"),
+        "unpaired": dict(
+            kind="unpaired", stochastic=False, prompts={"a2b": "night", "b2a": "day"}, input="unpaired"
+        ),
+    }
+    files = {}
+    for i, (name, spec) in enumerate(specs.items()):
+        g.new_model(name, kind=spec["kind"], stochastic=spec["stochastic"])
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in g.trainable_parameters(name):
+                p.copy_(torch.randn_like(p) * 0.05)
+        files[name] = save_checkpoint(
+            g.export(name, prompts=spec["prompts"], input=spec["input"]), out / f"{name}.safetensors"
+        )
+    return files
+
+
+def sketch_image(size: int = 64) -> Image.Image:
+    """Black strokes on white, as the Sketchpad composite ("L")."""
+    im = Image.new("L", (size, size), 255)
+    d = ImageDraw.Draw(im)
+    d.line([(6, 6), (size - 6, size - 10)], fill=0, width=3)
+    d.ellipse([size // 4, size // 2, size // 2, size - 4], outline=0, width=2)
+    return im
+
+
+def photo(size: tuple[int, int] = (64, 48)) -> Image.Image:
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+    ImageDraw.Draw(im).rectangle([10, 10, 40, 30], fill=(255, 0, 0))
+    return im
+
+
+@pytest.fixture()
+def models_dir(tiny_base_dir, tmp_path) -> Path:
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for path in checkpoint_files(str(tiny_base_dir)).values():
+        shutil.copy(path, folder / path.name)
+    old = time.time() - 60  # settled long ago
+    for p in folder.iterdir():
+        os.utime(p, (old, old))
+    return folder
+
+
+@pytest.fixture()
+def app(tiny_base_dir, models_dir):
+    warnings: list[str] = []
+    a = TurboApp(
+        (str(tiny_base_dir), "cpu", None), ModelsFolder(models_dir, 0.3), max_side=96, warn=warnings.append
+    )
+    a.warnings = warnings
+    return a
+
+
+# ---- the models folder ----
+
+
+def test_folder_ignores_temp_names_and_waits_for_a_file_to_settle(models_dir, tiny_base_dir):
+    folder = ModelsFolder(models_dir, settle_seconds=0.4)
+    assert [m.name for m in folder.offered()] == [
+        "edges.safetensors",
+        "sketch.safetensors",
+        "unpaired.safetensors",
+    ]
+    assert not is_candidate(Path(".x.safetensors.tmp")) and not is_candidate(Path("m.safetensors.part"))
+    assert not is_candidate(Path("notes.txt")) and is_candidate(Path("m.pkl"))
+    data = checkpoint_files(str(tiny_base_dir))["sketch"].read_bytes()
+    (models_dir / "new.safetensors.part").write_bytes(data)  # a download in progress: never listed
+    growing = models_dir / "growing.safetensors"
+    growing.write_bytes(data[: len(data) // 2])  # half written under its final name
+    entries = {m.name: m for m in folder.scan()}
+    assert "new.safetensors.part" not in entries
+    assert entries["growing.safetensors"].status == "pending"
+    assert "growing.safetensors" not in [m.name for m in folder.offered()]
+    growing.write_bytes(data)  # finished; offered once unchanged for settle_seconds
+    assert folder.scan()[1].name == "growing.safetensors" and folder.scan()[1].status == "pending"
+    time.sleep(0.5)
+    assert "growing.safetensors" in [m.name for m in folder.offered()]
+
+
+def test_folder_reports_broken_files_rereads_changed_ones_and_forgets_deleted(models_dir, tiny_base_dir):
+    folder = ModelsFolder(models_dir, settle_seconds=0.0)
+    (models_dir / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    (models_dir / "junk.pkl").write_bytes(b"this is not a checkpoint")
+    entries = {m.name: m for m in folder.scan()}
+    assert entries["broken.safetensors"].status == "unusable"
+    assert "safetensors" in entries["broken.safetensors"].reason
+    assert entries["junk.pkl"].status == "unusable" and entries["junk.pkl"].reason
+    assert entries["sketch.safetensors"].stochastic and entries["sketch.safetensors"].input == "sketch"
+    assert entries["unpaired.safetensors"].directions == ["a2b", "b2a"]
+    # a file replaced by another checkpoint is read again
+    shutil.copy(checkpoint_files(str(tiny_base_dir))["edges"], models_dir / "sketch.safetensors")
+    os.utime(models_dir / "sketch.safetensors", (time.time() - 10, time.time() - 10))
+    changed = {m.name: m for m in folder.scan()}["sketch.safetensors"]
+    assert changed.input == "canny" and not changed.stochastic
+    (models_dir / "sketch.safetensors").unlink()
+    assert "sketch.safetensors" not in [m.name for m in folder.scan()]
+
+
+def test_upload_copies_a_valid_checkpoint_without_overwriting_and_refuses_others(models_dir, tmp_path):
+    folder = ModelsFolder(models_dir, settle_seconds=0.0)
+    entry = folder.add_upload(models_dir / "edges.safetensors", "edges.safetensors")
+    assert entry.name == "edges-2.safetensors" and entry.status == "ok"
+    assert (models_dir / "edges-2.safetensors").read_bytes() == (
+        models_dir / "edges.safetensors"
+    ).read_bytes()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(UploadError, match="not a usable checkpoint"):
+        folder.add_upload(bad)
+    with pytest.raises(UploadError, match=r"\.safetensors or \.pkl"):
+        folder.add_upload(models_dir / "edges.safetensors", "model.exe")
+    assert not (models_dir / "bad.safetensors").exists()
+    assert not [p for p in models_dir.iterdir() if p.name.startswith(".")]
+
+
+# ---- handlers ----
+
+
+def test_choices_list_released_models_and_every_direction_of_the_files(app):
+    assert app.labels[:6] == [
+        "edge_to_image", "sketch_to_image_stochastic", "day_to_night", "night_to_day", "clear_to_rainy",
+        "rainy_to_clear",
+    ]  # fmt: skip
+    assert app.labels[6:] == [
+        "edges.safetensors", "sketch.safetensors", "unpaired.safetensors (a2b)", "unpaired.safetensors (b2a)",
+    ]  # fmt: skip
+    assert app.choice("unpaired.safetensors (b2a)").prompt == "day"
+    assert "✅ `sketch.safetensors`" in app.folder_markdown()
+
+
+def test_model_change_adapts_the_controls(app):
+    prompt, style, gamma, low, high, edges, tabs, text, source = app.model_changed("sketch.safetensors", "")
+    assert prompt["value"] == "a cat" and style["visible"] is True
+    assert gamma["interactive"] is True and gamma["value"] == 0.4
+    assert low["visible"] is False and edges["visible"] is False
+    assert tabs.selected == "sketch" and source == "sketch" and "stochastic" in text
+    prompt, style, gamma, low, high, edges, tabs, text, source = app.model_changed(
+        "edge_to_image", "a red barn"
+    )
+    assert prompt["value"] == "a red barn"  # the user's own text is kept
+    assert gamma["interactive"] is False and "deterministic" in gamma["info"]
+    assert low["visible"] is True and high["visible"] is True and edges["visible"] is True
+    assert source == "upload" and "downloaded on first use" in text
+    prompt, style, *_, source = app.model_changed("unpaired.safetensors (a2b)", "a red barn")
+    assert prompt["value"] == "night" and style["visible"] is False  # the model's caption
+    prompt, *_ = app.model_changed("edge_to_image", "night")  # a pre-filled caption is replaced
+    assert prompt["value"] == "a blue bird"
+    # a sketch model with only an uploaded image (an example was clicked) stays on the upload
+    *_, tabs, _, source = app.model_changed("sketch.safetensors", "", None, "assets/sketch_house.png")
+    assert source == "upload" and tabs.selected == "upload"
+    *_, text, source = app.model_changed("nonexistent", "")
+    assert "no model called" in text
+
+
+def test_sketch_translation_gamma_and_seed(app):
+    sketch = {"background": None, "layers": [], "composite": sketch_image()}
+    image, condition, path, status, source = app.run(
+        "sketch", "sketch.safetensors", sketch, None, "a dog", "Anime"
+    )
+    assert image.size == (64, 64) and condition.size == (64, 64) and source == "sketch"
+    assert "Done in" in status and "Gamma 0.40, seed 42" in status
+    saved = Image.open(path)
+    assert saved.format == "PNG" and np.array_equal(np.asarray(saved.convert("RGB")), np.asarray(image))
+    again = app.run("sketch", "sketch.safetensors", sketch, None, "a dog", "Anime")[0]
+    assert np.array_equal(np.asarray(again), np.asarray(image))  # same seed, same image
+    other_seed = app.run("sketch", "sketch.safetensors", sketch, None, "a dog", "Anime", 0.4, 7)[0]
+    other_gamma = app.run("sketch", "sketch.safetensors", sketch, None, "a dog", "Anime", 0.9, 42)[0]
+    assert not np.array_equal(np.asarray(other_seed), np.asarray(image))
+    assert not np.array_equal(np.asarray(other_gamma), np.asarray(image))
+    assert app.warnings == []
+
+
+def test_edges_and_unpaired_uploads_and_direction_switching(app, tmp_path):
+    pic = tmp_path / "pic.png"
+    photo().save(pic)
+    image, condition, _, status, _ = app.run(
+        "upload", "edges.safetensors", None, str(pic), "a barn", NO_STYLE
+    )
+    assert image.size == (64, 48) and "Done in" in status
+    edges = np.asarray(condition)
+    assert set(np.unique(edges)) <= {0, 255} and (edges == 0).any()  # dark edges on white
+    base = app.pipeline.base
+    a2b = app.run("upload", "unpaired.safetensors (a2b)", None, str(pic))[0]
+    b2a = app.run("upload", "unpaired.safetensors (b2a)", None, str(pic))[0]
+    assert a2b.size == (64, 48) and not np.array_equal(np.asarray(a2b), np.asarray(b2a))
+    assert app.pipeline.base is base  # switching never reloads the base
+    start = time.perf_counter()
+    app.pipeline.load(str(app.choice("edges.safetensors").model))  # cached: no file read
+    assert time.perf_counter() - start < 0.1
+    assert app.warnings == []
+
+
+def test_bad_inputs_become_messages(app, tmp_path, models_dir):
+    blank = {"composite": Image.new("L", (64, 64), 255)}
+    out = app.run("sketch", "sketch.safetensors", blank, None)
+    assert out[:3] == (None, None, None) and "canvas is empty" in out[3]
+    assert "no image yet" in app.run("upload", "edges.safetensors", None, None, "x")[3]
+    assert app.warnings == []  # missing input is a hint, not a warning
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert "not an image file" in app.run("upload", "edges.safetensors", None, str(text), "x")[3]
+    truncated = tmp_path / "cut.png"
+    photo().save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    assert "corrupt or truncated" in app.run("upload", "edges.safetensors", None, str(truncated), "x")[3]
+    big = tmp_path / "big.png"
+    photo((300, 150)).save(big)
+    image, _, _, status, _ = app.run("upload", "edges.safetensors", None, str(big), "")
+    assert image is None and "needs a prompt" in status
+    image, _, _, status, _ = app.run("upload", "edges.safetensors", None, str(big), "a barn")
+    assert image.size == (96, 48) and "downscaled from 300x150 to 96x48" in status
+    status = app.run("upload", "day_to_night", None, str(big))[3]
+    assert "cannot download" in status and "offline" in status
+    status = app.run("upload", "edges.safetensors", None, str(big), "x", NO_STYLE, 0.4, 42, 200, 100)[3]
+    assert "Canny thresholds" in status
+    assert "no model called" in app.run("upload", "gone.safetensors", None, str(big))[3]
+    # a listed checkpoint that turns out broken when loaded: reported, listed as unusable, app goes on
+    (models_dir / "unpaired.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
+    os.utime(models_dir / "unpaired.safetensors", (time.time() - 10, time.time() - 10))
+    status = app.run("upload", "unpaired.safetensors (a2b)", None, str(big))[3]
+    assert "not a readable safetensors file" in status
+    assert "❌ `unpaired.safetensors`" in app.refresh()[1]
+    assert "unpaired.safetensors (a2b)" not in app.labels
+    assert len(app.warnings) == 7 and all(app.warnings)
+    assert app.run("upload", "edges.safetensors", None, str(big), "a barn")[0] is not None
+
+
+def test_refresh_and_upload_handlers(app, models_dir, tmp_path):
+    update, text = app.refresh("sketch.safetensors")
+    assert update["choices"] == app.labels and "sketch.safetensors" in update["choices"]
+    (models_dir / "sketch.safetensors").unlink()
+    update, text = app.refresh("sketch.safetensors")
+    assert "sketch.safetensors" not in update["choices"] and "no longer in the models folder" in text
+    update, text, status = app.upload_checkpoint(str(models_dir / "edges.safetensors"))
+    assert update["value"] == "edges-2.safetensors" and "edges-2.safetensors" in update["choices"]
+    assert "Added" in status and "edges-2.safetensors" in text
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"nope")
+    update, text, status = app.upload_checkpoint(str(bad))
+    assert "not a usable checkpoint" in status and app.warnings and "bad.pkl" not in text
+    seeds = {app.random_seed() for _ in range(5)}
+    assert len(seeds) > 1 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_missing_input_error_is_an_image_error():
+    from turbo.preprocess import ImageError
+
+    assert issubclass(MissingInputError, ImageError)
+
+
+# ---- the CLI and Spaces glue ----
+
+
+def test_app_exits_with_a_clear_message_when_the_base_is_missing_and_uses_spaces_gpu(tmp_path):
+    """One subprocess checks both: `python app.py` without the base weights offline exits at once
+    with a clear message (no traceback), and a present `spaces` package wraps the GPU function."""
+    import app as app_module
+
+    fake = tmp_path / "fake" / "spaces.py"
+    fake.parent.mkdir()
+    fake.write_text("def GPU(fn):\n    print('spaces.GPU wraps', fn.__name__)\n    return fn\n")
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "PYTHONPATH": str(fake.parent),
+    }
+    cmd = [sys.executable, str(ROOT / "app.py"), "--base", "stabilityai/sd-turbo", "--device", "cpu"]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=150, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Run once with network access" in out.stderr and "--base" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert "spaces.GPU wraps gpu_translate" in out.stdout
+    if importlib.util.find_spec("spaces") is None:
+        assert GPU(len) is len  # no-op here
+    assert app_module.main(["--base", str(tmp_path / "missing")]) == 2  # a folder that is not there
+
+
+def test_host_is_loopback_except_on_spaces(monkeypatch):
+    import app as app_module
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert app_module.default_host() == "127.0.0.1"
+    monkeypatch.setenv("SPACE_ID", "someone/turbo")
+    assert app_module.default_host() == "0.0.0.0"
+    args = app_module.build_parser().parse_args([])
+    assert args.models_dir == Path("checkpoints") and args.host is None

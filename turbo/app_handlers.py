@@ -1,0 +1,391 @@
+"""What the Gradio app does, without the layout: model choices, input handling, translation, messages.
+
+`TurboApp` holds the process-wide pipeline key and the models folder. Its handlers take and return
+plain values (PIL images, strings, `gr.update` dicts) so tests call them directly; every user error
+(bad image, missing prompt, broken or missing checkpoint) becomes a visible message, never an
+exception. The translation itself runs in one module-level function, `gpu_translate`, wrapped with
+`spaces.GPU` when the `spaces` package is installed (Hugging Face ZeroGPU) and left as is elsewhere.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import random
+import tempfile
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from turbo.base import BaseModelError
+from turbo.checkpoint import CheckpointError
+from turbo.download import DownloadError
+from turbo.models_folder import FolderModel, ModelsFolder, UploadError
+from turbo.pipeline import GammaError, Pipeline, PromptError, Translation, get_pipeline
+from turbo.preprocess import ImageError, load_image
+from turbo.registry import RELEASED, STYLES, UnknownModelError, styled_prompt
+
+logger = logging.getLogger(__name__)
+
+try:  # on ZeroGPU, app.py imports `spaces` before torch touches CUDA; here it is only looked up
+    import spaces
+
+    GPU: Callable = spaces.GPU
+except ImportError:  # anywhere else: no-op
+
+    def GPU(fn: Callable) -> Callable:  # noqa: N802 (mirrors spaces.GPU)
+        return fn
+
+
+NO_STYLE = "(no style)"
+STYLE_CHOICES = [NO_STYLE, *STYLES]
+DEFAULT_GAMMA = 0.4
+USER_ERRORS = (
+    ImageError, PromptError, GammaError, CheckpointError, DownloadError, UnknownModelError, BaseModelError,
+    UploadError, ValueError,
+)  # fmt: skip
+INPUT_WORDS = {
+    "canny": "Canny edges of your image",
+    "sketch": "your sketch (dark strokes on white)",
+    "none": "your image as given",
+    "unpaired": "your photo",
+}
+KEEP_OUTPUTS = 32  # result files kept for the download button
+
+
+class MissingInputError(ImageError):
+    """Nothing to translate yet: an empty canvas or no upload."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One entry of the model dropdown: a released model or one direction of a checkpoint file.
+
+    model: released name or checkpoint path (what `Pipeline.load` takes); input: canny | sketch |
+    none | unpaired; prompt: the caption (unpaired) or the file's default prompt (paired), if any.
+    """
+
+    label: str
+    model: str
+    direction: str | None
+    kind: str
+    stochastic: bool
+    input: str
+    prompt: str | None = None
+    example_prompt: str | None = None
+    released: bool = False
+
+    @property
+    def tab(self) -> str:
+        """Which input the model needs first: the sketch canvas or the image upload."""
+        return "sketch" if self.input == "sketch" else "upload"
+
+
+def released_choices() -> list[Choice]:
+    return [
+        Choice(
+            label=m.name,
+            model=m.name,
+            direction=m.direction,
+            kind=m.kind,
+            stochastic=m.stochastic,
+            input=m.preprocess,
+            prompt=m.caption,
+            example_prompt=m.example_prompt,
+            released=True,
+        )  # fmt: skip
+        for m in RELEASED.values()
+    ]
+
+
+def folder_choices(entry: FolderModel) -> list[Choice]:
+    """A paired checkpoint gives one choice (its file name); an unpaired one, one per direction."""
+    out = []
+    for d in entry.directions:
+        label = entry.name if len(entry.directions) == 1 else f"{entry.name} ({d})"
+        out.append(
+            Choice(
+                label=label,
+                model=str(entry.path),
+                direction=d,
+                kind=entry.kind,
+                stochastic=entry.stochastic,
+                input=entry.input,
+                prompt=entry.prompts.get(d) or None,
+            )  # fmt: skip
+        )
+    return out
+
+
+@GPU
+def gpu_translate(pipeline_key: tuple, image: Image.Image, model: str, **kw) -> Translation:
+    """The one place the app runs the network (see `Pipeline.translate` for the arguments)."""
+    return get_pipeline(*pipeline_key).translate(image, model, **kw)
+
+
+def _message(text: str) -> str:
+    return f"⚠️ {html.escape(text)}"
+
+
+class TurboApp:
+    """The app's state and handlers.
+
+    pipeline_key: (base, device, dtype) of the process-wide pipeline (`get_pipeline`), which must
+    already be loaded; max_side: uploads with a longer side are downscaled to it (pixels);
+    warn: how errors are shown besides the status text (gr.Warning in the app).
+    """
+
+    def __init__(
+        self,
+        pipeline_key: tuple,
+        folder: ModelsFolder,
+        max_side: int = 1024,
+        warn: Callable[[str], None] | None = None,
+        max_models: int = 4,
+    ):
+        self.pipeline_key = pipeline_key
+        self.pipeline: Pipeline = get_pipeline(*pipeline_key, max_models=max_models)
+        self.folder = folder
+        self.max_side = max_side
+        self.warn = warn if warn is not None else (lambda text: gr.Warning(html.escape(text)))
+        self.output_dir = Path(tempfile.mkdtemp(prefix="turbo-app-"))
+        self._outputs: deque[Path] = deque()
+        self._choices: dict[str, Choice] = {}
+        self._entries: list[FolderModel] = []
+        self.rescan()
+
+    # ---- models ----
+    def rescan(self) -> dict[str, Choice]:
+        """Scan the models folder; forget (unload) checkpoint files that disappeared."""
+        entries = self.folder.scan()
+        choices = {c.label: c for c in released_choices()}
+        for entry in entries:
+            if entry.status == "ok":
+                choices.update({c.label: c for c in folder_choices(entry)})
+        old_files = {c.model for c in self._choices.values() if not c.released}
+        new_files = {c.model for c in choices.values() if not c.released}
+        for gone in old_files - new_files:
+            key = str(Path(gone).resolve())
+            if key in self.pipeline.models:
+                logger.info("checkpoint %s is gone; unloading it", gone)
+                self.pipeline.unload(key)
+        self._choices, self._entries = choices, entries
+        return choices
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self._choices)
+
+    def choice(self, label: str | None) -> Choice:
+        """The dropdown entry called label (rescanning once if unknown); UnknownModelError if none."""
+        if label in self._choices:
+            return self._choices[label]
+        if label and label in self.rescan():
+            return self._choices[label]
+        raise UnknownModelError(f"no model called {label!r}: pick one from the list")
+
+    def folder_markdown(self) -> str:
+        """The models folder's files, unusable and pending ones with the reason."""
+        lines = [f"Models folder: `{self.folder.folder}`"]
+        if not self._entries:
+            lines.append("- (no checkpoints yet: drop a `.safetensors` or `.pkl` file here, or upload one)")
+        for e in self._entries:
+            if e.status == "ok":
+                lines.append(
+                    f"- ✅ `{e.name}`: {e.kind}{', stochastic' if e.stochastic else ''}, input {e.input}"
+                )
+            elif e.status == "pending":
+                lines.append(f"- ⏳ `{e.name}`: still being written")
+            else:
+                lines.append(f"- ❌ `{e.name}`: unusable: {html.escape(e.reason)}")
+        return "\n".join(lines)
+
+    def refresh(self, label: str | None = None) -> tuple[dict, str]:
+        """Handler of the refresh button and the periodic rescan: (dropdown update, folder text)."""
+        self.rescan()
+        text = self.folder_markdown()
+        if label and label not in self._choices:
+            text += f"\n\n⚠️ `{html.escape(label)}` is no longer in the models folder."
+        return gr.update(choices=self.labels), text
+
+    def upload_checkpoint(self, file: str | None, label: str | None = None) -> tuple[dict, str, str]:
+        """Handler of the checkpoint upload: copy it into the models folder and select it.
+        Returns (dropdown update, folder text, status text)."""
+        if not file:
+            return gr.update(), self.folder_markdown(), ""
+        try:
+            entry = self.folder.add_upload(file, Path(file).name)
+        except USER_ERRORS as e:
+            self.warn(str(e))
+            return gr.update(), self.folder_markdown(), _message(str(e))
+        self.rescan()
+        new = folder_choices(entry)[0].label
+        return (
+            gr.update(choices=self.labels, value=new),
+            self.folder_markdown(),
+            f"Added `{entry.name}` to the models folder.",
+        )
+
+    # ---- controls ----
+    def model_changed(self, label: str | None, prompt: str | None, sketch=None, upload=None) -> tuple:
+        """Handler of the model dropdown: adapt the controls to the model.
+
+        Returns updates for (prompt, style, gamma, canny_low, canny_high, condition image, input
+        tabs, model description) and the input source ("sketch" | "upload") to use: the one the
+        model needs, unless only the other one holds an image (e.g. an example was just loaded).
+        """
+        try:
+            c = self.choice(label)
+        except UnknownModelError as e:
+            nothing = (gr.update(),) * 7
+            return (*nothing, _message(str(e)), gr.update())
+        prefilled = {x.prompt for x in self._choices.values()} | {
+            x.example_prompt for x in self._choices.values()
+        }
+        prompt = (prompt or "").strip()
+        if c.kind == "unpaired":
+            new_prompt = gr.update(value=c.prompt or "", label="Caption (the model's own; edit with care)")
+            style = gr.update(visible=False)
+        else:
+            value = prompt if prompt and prompt not in prefilled else (c.prompt or c.example_prompt or "")
+            new_prompt = gr.update(value=value, label="Prompt (describe the image you want)")
+            style = gr.update(visible=True)
+        if c.stochastic:
+            gamma = gr.update(
+                interactive=True,
+                value=DEFAULT_GAMMA,
+                info="Sketch guidance: higher follows your input more closely, lower gives more varied "
+                "results (the seed picks the variation).",
+            )
+        else:
+            gamma = gr.update(
+                interactive=False,
+                value=DEFAULT_GAMMA,
+                info="Gamma applies to stochastic (sketch) models only; this model is deterministic.",
+            )
+        edges = c.input == "canny"
+        canny = gr.update(visible=edges)
+        what = "paired (pix2pix-turbo)" if c.kind == "paired" else "unpaired (CycleGAN-Turbo)"
+        where = "released; downloaded on first use" if c.released else f"file `{Path(c.model).name}`"
+        direction = f", direction {c.direction}" if c.direction and not c.released else ""
+        text = (
+            f"**{html.escape(c.label)}**: {what}{direction}, translates {INPUT_WORDS.get(c.input, c.input)}"
+            f"{'; stochastic' if c.stochastic else ''} ({where})."
+        )
+        tab = c.tab
+        filled = {"sketch": _has_sketch(sketch), "upload": bool(upload)}
+        if not filled[tab] and any(filled.values()):
+            tab = "upload" if tab == "sketch" else "sketch"
+        shown = gr.update(visible=edges)
+        return new_prompt, style, gamma, canny, canny, shown, gr.Tabs(selected=tab), text, tab
+
+    @staticmethod
+    def random_seed() -> int:
+        return random.randint(0, 2**31 - 1)
+
+    # ---- translation ----
+    def input_image(self, source: str, sketch: dict | Image.Image | None, upload) -> tuple[Image.Image, str]:
+        """The image to translate, RGB, and a note for the status line (MissingInputError if there is
+        none yet, ImageError if it is unusable).
+
+        sketch: the Sketchpad's value (dict with "composite"); upload: a file path or a PIL image.
+        """
+        if source == "sketch":
+            composite = sketch.get("composite") if isinstance(sketch, dict) else sketch
+            if composite is None:
+                raise MissingInputError("the canvas is empty: draw something with the brush")
+            image = load_image(composite)
+            if np.asarray(image.convert("L")).min() >= 128:
+                raise MissingInputError("the canvas is empty: draw something with the brush (dark strokes)")
+            return image, ""
+        if upload is None or (isinstance(upload, str) and not upload):
+            raise MissingInputError("no image yet: upload one (or paste it from the clipboard)")
+        size = _header_size(upload)
+        image = load_image(upload, max_side=self.max_side)
+        if size is not None and max(size) > self.max_side:
+            return image, f" (downscaled from {size[0]}x{size[1]} to {image.width}x{image.height})"
+        return image, ""
+
+    def run(
+        self,
+        source: str,
+        label: str | None,
+        sketch,
+        upload,
+        prompt: str | None = None,
+        style: str | None = None,
+        gamma: float | None = DEFAULT_GAMMA,
+        seed: float | None = 42,
+        canny_low: float = 100,
+        canny_high: float = 200,
+    ) -> tuple:
+        """Translate the current input. source: "sketch" | "upload".
+
+        Returns (output image or None, condition image or None, result file path or None, status
+        text, source). Errors come back as a status message (and a warning); nothing is raised.
+        """
+        try:
+            c = self.choice(label)
+            image, note = self.input_image(source, sketch, upload)
+        except MissingInputError as e:  # a hint, not a fault: live events would pop it up repeatedly
+            return None, None, None, f"ℹ️ {html.escape(str(e))}", source
+        except USER_ERRORS as e:
+            self.warn(str(e))
+            return None, None, None, _message(str(e)), source
+        try:
+            text = (prompt or "").strip()
+            if c.kind == "paired" and text and style and style != NO_STYLE:
+                text = styled_prompt(text, style)
+            self.pipeline.load(c.model)  # downloads and file reads happen outside the GPU function
+            result = gpu_translate(
+                self.pipeline_key, image, c.model, prompt=text or None, direction=c.direction,
+                gamma=float(gamma) if c.stochastic and gamma is not None else None,
+                seed=int(seed or 0), canny_low=int(canny_low), canny_high=int(canny_high),
+            )  # fmt: skip
+        except USER_ERRORS as e:
+            if isinstance(e, CheckpointError) and not c.released:
+                self.folder.mark_unusable(c.model, str(e))
+            self.warn(str(e))
+            return None, None, None, _message(str(e)), source
+        except Exception as e:  # keep serving whatever happens; the log has the traceback
+            logger.exception("translation failed")
+            self.warn(f"translation failed: {type(e).__name__}: {e}")
+            return None, None, None, _message(f"translation failed: {type(e).__name__}: {e}"), source
+        path = self._save(result.image, c)
+        status = f"Done in **{result.seconds:.2f} s** with `{html.escape(c.label)}`{note}."
+        if c.stochastic:
+            status += f" Gamma {result.gamma:.2f}, seed {int(seed or 0)}."
+        return result.image, result.condition, str(path), status, source
+
+    def _save(self, image: Image.Image, c: Choice) -> Path:
+        stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in Path(c.label).stem)
+        fd, name = tempfile.mkstemp(prefix=f"turbo_{stem}_", suffix=".png", dir=self.output_dir)
+        with open(fd, "wb") as f:
+            image.save(f, format="PNG")
+        self._outputs.append(Path(name))
+        while len(self._outputs) > KEEP_OUTPUTS:
+            self._outputs.popleft().unlink(missing_ok=True)
+        return Path(name)
+
+
+def _has_sketch(sketch) -> bool:
+    composite = sketch.get("composite") if isinstance(sketch, dict) else sketch
+    if not isinstance(composite, Image.Image):
+        return False
+    return bool(np.asarray(composite.convert("L")).min() < 128)
+
+
+def _header_size(source) -> tuple[int, int] | None:
+    """The image's size from its header (cheap), or None when it cannot be read (load_image says why)."""
+    if isinstance(source, Image.Image):
+        return source.size
+    try:
+        with Image.open(source) as im:
+            return im.size
+    except Exception:
+        return None
