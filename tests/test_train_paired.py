@@ -1,0 +1,358 @@
+"""Paired training end to end on a tiny random base, tiny random CLIP and a synthetic shapes dataset."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import CLIPConfig, CLIPModel
+
+from tests.tiny import _write_tokenizer, make_tiny_base
+from training import state as state_mod
+from training.config import ConfigError
+from training.paired import PairedConfig, PairedTrainer, main, train
+from training.state import CheckpointWriter, load_state, resolve_checkpoint
+from turbo.base import load_base
+from turbo.checkpoint import load_checkpoint
+from turbo.generator import Generator
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"circle": (220, 40, 40), "square": (40, 60, 220), "triangle": (40, 180, 60)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two cores shared with other jobs: one thread avoids OpenMP spinning (several times faster here).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _draw(draw: ImageDraw.ImageDraw, kind: str, box, **style) -> None:
+    x0, y0, x1, y1 = box
+    if kind == "circle":
+        draw.ellipse(box, **style)
+    elif kind == "square":
+        draw.rectangle(box, **style)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], **style)
+
+
+def make_shapes_dataset(
+    root: Path, n_train: int = 96, n_test: int = 8, size: int = 32, seed: int = 0
+) -> Path:
+    """Outlines of random shapes (white on black, as edge maps) -> the filled shape, coloured by kind."""
+    rng = random.Random(seed)
+    for split, count in (("train", n_train), ("test", n_test)):
+        (root / f"{split}_A").mkdir(parents=True, exist_ok=True)
+        (root / f"{split}_B").mkdir(parents=True, exist_ok=True)
+        prompts = {}
+        for i in range(count):
+            kind = rng.choice(list(COLOURS))
+            s = rng.randint(size * 3 // 8, size * 3 // 4)
+            x, y = rng.randint(0, size - s), rng.randint(0, size - s)
+            box = (x, y, x + s, y + s)
+            a = Image.new("RGB", (size, size), "black")
+            _draw(ImageDraw.Draw(a), kind, box, outline=(255, 255, 255))
+            b = Image.new("RGB", (size, size), "white")
+            _draw(ImageDraw.Draw(b), kind, box, fill=COLOURS[kind])
+            a.save(root / f"{split}_A" / f"{i:03d}.png")
+            b.save(root / f"{split}_B" / f"{i:03d}.png")
+            prompts[f"{i:03d}.png"] = f"a {kind}"
+        (root / f"{split}_prompts.json").write_text(json.dumps(prompts))
+    return root
+
+
+def make_tiny_clip(folder: Path) -> Path:
+    """A tiny random CLIPModel (32 px images) plus tokenizer, saved like a hub checkpoint."""
+    n = len(string.ascii_lowercase + string.digits + ".,'-")
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=77, pad_token_id=0, bos_token_id=2 * n + 1, eos_token_id=2 * n + 2,
+            projection_dim=16,
+        ),
+        vision_config=dict(
+            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=2, projection_dim=16,
+        ),
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(config).save_pretrained(folder)
+    _write_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("paired_assets")
+    return {
+        "base": make_tiny_base(root / "base"),
+        "clip": make_tiny_clip(root / "clip"),
+        "data": make_shapes_dataset(root / "shapes"),
+    }
+
+
+def config(assets, output: Path, **overrides) -> PairedConfig:
+    fields = dict(
+        dataset=str(assets["data"]), output=str(output), base=str(assets["base"]),
+        clip_model=str(assets["clip"]),
+        disc_backbone=str(assets["clip"]), lpips_pretrained=False, train_image_prep="no_resize",
+        test_image_prep="no_resize", batch_size=2, max_steps=2, lr=1e-3, eval_every=0, checkpoint_every=0,
+        cpu=True, report_to="none", num_eval_samples=4,
+    )  # fmt: skip
+    fields.update(overrides)
+    return PairedConfig(**fields)
+
+
+def argv(cfg: PairedConfig) -> list[str]:
+    out = []
+    for k, v in vars(cfg).items():
+        flag = "--" + k.replace("_", "-")
+        if v is None or v is False:
+            if k == "lpips_pretrained":
+                out.append("--no-lpips-pretrained")
+            continue
+        out += [flag] if v is True else [flag, str(v)]
+    return out
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def flat(ckpt) -> dict[str, torch.Tensor]:
+    return {f"unet.{k}": v for k, v in ckpt.unet.items()} | {
+        f"vae.{d}.{k}": v for d, sd in ckpt.vae.items() for k, v in sd.items()
+    }
+
+
+@pytest.mark.slow
+def test_training_learns_the_shapes_task(assets, tmp_path):
+    # GAN and CLIP off (random tiny CLIP says nothing), LPIPS with a random trunk kept small.
+    cfg = config(
+        assets, tmp_path / "run", max_steps=200, batch_size=4, lambda_gan=0, lambda_clipsim=0, lambda_lpips=0,
+        eval_every=200, num_eval_samples=8, eval_batch_size=8,
+    )  # fmt: skip
+    result = train(cfg)
+    before, after = result.first_metrics, result.metrics
+    print("learning:", before, after)
+    assert before["val/l2"] > 0.8  # the untrained model's output is far from the targets
+    assert after["val/l2"] < 0.5 * before["val/l2"]
+    assert after["val/psnr"] > before["val/psnr"] + 3.0
+    grid = Image.open(tmp_path / "run" / "eval" / "step_00000200.png")
+    assert grid.size == (3 * 32, 4 * 32)  # input | output | target, num_grid rows
+
+
+def test_resume_matches_an_uninterrupted_run(assets, tmp_path):
+    # Full objective (L2, LPIPS, CLIP, GAN) in stochastic mode, so the RNG (gamma, z, DiffAugment) matters.
+    common = dict(stochastic=True, checkpoint_every=2, max_steps=4)
+    straight = train(config(assets, tmp_path / "straight", **common))
+    half = train(config(assets, tmp_path / "resumed", **(common | {"max_steps": 2})))
+    assert half.step == 2
+    resumed = train(config(assets, tmp_path / "resumed", **common, resume="latest"))
+    assert resumed.step == 4
+    assert max_diff(flat(straight.checkpoint), flat(half.checkpoint)) > 0  # steps 3-4 changed the weights
+    assert max_diff(flat(straight.checkpoint), flat(resumed.checkpoint)) == 0.0
+    s_state, _ = load_state(resolve_checkpoint("latest", tmp_path / "straight"))
+    r_state, _ = load_state(resolve_checkpoint("latest", tmp_path / "resumed"))
+    assert max_diff(s_state["discriminator"], r_state["discriminator"]) == 0.0
+    assert (s_state["step"], s_state["epoch"], s_state["batch"]) == (
+        r_state["step"],
+        r_state["epoch"],
+        r_state["batch"],
+    )
+
+
+def test_two_processes_end_with_identical_weights(assets, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import json, sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from training.paired import PairedConfig, PairedTrainer\n"
+        "cfg = PairedConfig(**json.loads(sys.argv[1]))\n"
+        "t = PairedTrainer(cfg)\n"
+        "t.run()\n"
+        "gen = {n: p.detach().clone() for n, p in t._named_trainable().items()}\n"
+        "torch.save({'gen': gen, 'disc': t.disc.heads_state_dict(), 'world': t.rt.world},\n"
+        "           f'{cfg.output}/rank{t.rt.rank}.pt')\n"
+    )
+    cfg = config(assets, tmp_path / "ddp", max_steps=2, gradient_accumulation_steps=2, checkpoint_every=1)
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    port = str(29500 + os.getpid() % 1000)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+        str(worker),
+    ]
+    proc = subprocess.run(
+        [*cmd, json.dumps(vars(cfg))], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
+    assert r0["world"] == r1["world"] == 2
+    assert max_diff(r0["gen"], r1["gen"]) == 0.0
+    assert max_diff(r0["disc"], r1["disc"]) == 0.0
+    lora_b = [v for k, v in r0["gen"].items() if "lora_B" in k]
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # it trained (LoRA B starts at 0)
+    step_dir = tmp_path / "ddp" / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in step_dir.iterdir()) == [
+        "model.safetensors",
+        "rng_0.pt",
+        "rng_1.pt",
+        "state.pt",
+    ]
+
+
+def test_stochastic_from_an_existing_model_publishes_a_gamma_model(assets, tmp_path):
+    first = train(config(assets, tmp_path / "plain", max_steps=1, lambda_gan=0, lambda_clipsim=0))
+    assert not first.checkpoint.stochastic and first.checkpoint.input == "canny"
+    publish = tmp_path / "app_models"
+    cfg = config(
+        assets, tmp_path / "gamma", stochastic=True, init_from=str(tmp_path / "plain" / "model.safetensors"),
+        publish_to=str(publish), name="shapes", max_steps=2, checkpoint_every=1, default_prompt="a shape",
+    )  # fmt: skip
+    assert main(argv(cfg)) == 0
+    published = load_checkpoint(publish / "shapes.safetensors")
+    assert published.stochastic and published.input == "sketch"
+    assert published.prompts == {"a2b": "a shape"}
+    assert not [p for p in publish.iterdir() if p.name != "shapes.safetensors"]  # no temp files left
+    # the twin conv is the base's first conv; the trained one started from the earlier model
+    base = load_base(assets["base"], device="cpu")
+    assert torch.equal(published.unet["conv_in_pretrained.weight"], base.unet.conv_in.weight)
+    # the app's gamma slider: different gammas give different outputs
+    g = Generator(base)
+    g.add_checkpoint("m", published)
+    x, emb = torch.rand(1, 3, 32, 32), base.encode_prompt(["a shape"])
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out_lo, out_hi = g(x, emb, model="m", gamma=0.2, noise=z), g(x, emb, model="m", gamma=1.0, noise=z)
+    assert out_lo.shape == (1, 3, 32, 32) and (out_lo - out_hi).abs().max() > 1e-4
+
+
+def test_bf16_autocast_with_checkpointing_keeps_fp32_trainable_weights(assets, tmp_path):
+    cfg = config(assets, tmp_path / "bf16", mixed_precision="bf16", gradient_checkpointing=True, max_steps=1)
+    trainer = PairedTrainer(cfg)
+    try:
+        assert trainer.base.unet.conv_in.pretrained.weight.dtype == torch.bfloat16  # frozen: auto -> bf16
+        assert all(p.dtype == torch.float32 for p in trainer.params)
+        result = trainer.run()
+    finally:
+        trainer.rt.close()
+    assert result.step == 1
+    assert all(torch.isfinite(v).all() for v in flat(result.checkpoint).values())
+    assert all(v.dtype == torch.float32 for v in flat(result.checkpoint).values())
+
+
+def test_logs_grids_and_metrics_are_written(assets, tmp_path):
+    cfg = config(
+        assets, tmp_path / "logs", report_to="tensorboard", eval_every=1, log_every=1, num_grid=2, max_steps=1
+    )
+    result = train(cfg)
+    run = tmp_path / "logs"
+    assert list((run / "logs").glob("events.out.tfevents.*"))
+    assert Image.open(run / "eval" / "step_00000001.png").size == (96, 64)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_keys = {k for line in lines for k in line if k.startswith("train/")}
+    assert {
+        "train/loss_l2",
+        "train/loss_lpips",
+        "train/loss_clipsim",
+        "train/lossG",
+        "train/lossD",
+    } <= train_keys
+    assert set(result.metrics) == {"val/l2", "val/lpips", "val/psnr", "val/clipsim"}
+    assert load_checkpoint(run / "model.safetensors").prompts["a2b"].startswith("a ")
+
+
+def _broken_dataset(root: Path, problem: str) -> Path:
+    make_shapes_dataset(root, n_train=4, n_test=2)
+    if problem == "missing prompts":
+        (root / "train_prompts.json").unlink()
+    elif problem == "unpaired image":
+        (root / "train_B" / "001.png").unlink()
+    elif problem == "bad json":
+        (root / "train_prompts.json").write_text("{not json")
+    elif problem == "unreadable image":
+        (root / "train_A" / "002.png").write_bytes(b"not a png")
+    return root
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("missing prompts", "train_prompts.json"),
+        ("unpaired image", "without a partner"),
+        ("bad json", "invalid JSON"),
+        ("unreadable image", "002.png"),
+    ],
+)
+def test_dataset_problems_are_reported(assets, tmp_path, capsys, problem, message):
+    cfg = config(assets, tmp_path / "out")
+    cfg.dataset = str(_broken_dataset(tmp_path / "data", problem))
+    assert main(argv(cfg)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+def test_bad_options_are_reported(assets, tmp_path, capsys):
+    cfg = config(assets, tmp_path / "out", eval_gamma=0.5)
+    with pytest.raises(ConfigError, match="--stochastic"):
+        cfg.validate()
+    assert main([*argv(config(assets, tmp_path / "out")), "--batch-size", "0"]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
+    cfg = config(assets, tmp_path / "out", batch_size=200)  # more than the 96 training images
+    assert main(argv(cfg)) == 2
+    assert "lower --batch-size" in capsys.readouterr().err
+
+
+def test_an_interrupted_save_leaves_the_last_checkpoint_loadable(assets, tmp_path, monkeypatch):
+    train(config(assets, tmp_path / "run", max_steps=1, checkpoint_every=1, lambda_gan=0, lambda_clipsim=0))
+    trainer = PairedTrainer(
+        config(assets, tmp_path / "run", max_steps=2, resume="latest", lambda_gan=0, lambda_clipsim=0)
+    )
+    real_save = state_mod._torch_save
+
+    def killed(obj, path):
+        if Path(path).name == state_mod.STATE_FILE:
+            Path(path).write_bytes(b"half a file")
+            raise KeyboardInterrupt  # the process dies mid-save
+        real_save(obj, path)
+
+    monkeypatch.setattr(state_mod, "_torch_save", killed)
+    try:
+        trainer.step = 2
+        with pytest.raises(KeyboardInterrupt):
+            trainer.save(trainer.sampler.position)
+    finally:
+        trainer.rt.close()
+    root = tmp_path / "run" / "checkpoints"
+    assert (root / ".step_00000002.partial").is_dir() and not (root / "step_00000002").exists()
+    folder = resolve_checkpoint("latest", tmp_path / "run")
+    assert folder.name == "step_00000001"
+    state, rng = load_state(folder)
+    assert state["step"] == 1 and rng is not None
+    assert load_checkpoint(folder / "model.safetensors").kind == "paired"
+    # the next save sweeps the stale partial folder and moves `latest`
+    monkeypatch.setattr(state_mod, "_torch_save", real_save)
+    writer = CheckpointWriter(tmp_path / "run", keep_last=1)
+    writer.save(3, load_checkpoint(folder / "model.safetensors"), state | {"step": 3})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003"]
+    assert resolve_checkpoint("latest", tmp_path / "run").name == "step_00000003"

@@ -1,0 +1,185 @@
+"""Options every trainer shares (paths, optimisation, precision, checkpoints, logging), as a dataclass.
+
+Trainers subclass `CommonConfig` with their objective's fields, call `add_common_arguments` on their
+parser and build their config with `config_from_args`. Flag names are the field names with dashes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import TypeVar
+
+from turbo.base import DEFAULT_BASE
+from turbo.preprocess import IMAGE_PREPS
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+MIXED_PRECISION = ("no", "fp16", "bf16")
+FROZEN_DTYPES = ("auto", "fp32", "fp16", "bf16")
+REPORT_TO = ("tensorboard", "wandb", "none")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+class ConfigError(ValueError):
+    """An option value, or a combination of them, that cannot be trained with."""
+
+
+@dataclass
+class CommonConfig:
+    """Shared training options. Paths are strings; steps count optimizer updates of the generator."""
+
+    dataset: str
+    output: str
+    base: str = DEFAULT_BASE
+    # frozen helper networks: hub ids or local folders (tests pass tiny random ones)
+    clip_model: str = DEFAULT_CLIP
+    disc_backbone: str = DEFAULT_CLIP
+    lpips_pretrained: bool = True
+    train_image_prep: str = "resized_crop_512"
+    test_image_prep: str = "resized_crop_512"
+    batch_size: int = 4
+    num_workers: int = 0
+    max_steps: int = 10_000
+    seed: int = 0
+    lr: float = 5e-6
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 500
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    frozen_dtype: str = "auto"
+    allow_tf32: bool = False
+    cpu: bool = False
+    checkpoint_every: int = 500
+    keep_last: int = 3
+    resume: str | None = None
+    publish_to: str | None = None
+    name: str | None = None
+    eval_every: int = 100
+    num_eval_samples: int = 100
+    eval_batch_size: int = 4
+    num_grid: int = 4
+    track_fid: bool = False
+    log_every: int = 10
+    report_to: str = "tensorboard"
+    tracker_project: str = "turbo"
+
+    def validate(self) -> None:
+        """Raise ConfigError on the first bad value."""
+        positive = ("batch_size", "max_steps", "gradient_accumulation_steps", "eval_batch_size", "log_every")
+        for f in positive:
+            if getattr(self, f) < 1:
+                raise ConfigError(f"--{f.replace('_', '-')} must be at least 1, got {getattr(self, f)}")
+        for f in (
+            "checkpoint_every",
+            "keep_last",
+            "eval_every",
+            "num_eval_samples",
+            "num_grid",
+            "num_workers",
+        ):
+            if getattr(self, f) < 0:
+                raise ConfigError(f"--{f.replace('_', '-')} must be 0 or more, got {getattr(self, f)}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        for f, valid in (
+            ("mixed_precision", MIXED_PRECISION),
+            ("frozen_dtype", FROZEN_DTYPES),
+            ("report_to", REPORT_TO),
+            ("lr_scheduler", LR_SCHEDULERS),
+            ("train_image_prep", IMAGE_PREPS),
+            ("test_image_prep", IMAGE_PREPS),
+        ):
+            if getattr(self, f) not in valid:
+                raise ConfigError(
+                    f"--{f.replace('_', '-')} {getattr(self, f)!r} is not one of {', '.join(valid)}"
+                )
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every CommonConfig field (defaults from the dataclass)."""
+    d = CommonConfig("", "")
+    g = parser.add_argument_group("data and paths")
+    g.add_argument(
+        "--dataset", required=True, help="dataset folder (train_A, train_B, ... see docs/training.md)"
+    )
+    g.add_argument(
+        "--output", required=True, help="run folder: checkpoints/, logs/, eval/, model.safetensors"
+    )
+    g.add_argument("--base", default=d.base, help="SD-Turbo hub id or local diffusers folder")
+    g.add_argument(
+        "--clip-model", default=d.clip_model, help="CLIP for the text-image loss (hub id or folder)"
+    )
+    g.add_argument("--disc-backbone", default=d.disc_backbone, help="CLIP vision tower of the discriminator")
+    g.add_argument(
+        "--lpips-pretrained",
+        action=argparse.BooleanOptionalAction,
+        default=d.lpips_pretrained,
+        help="ImageNet VGG trunk for LPIPS (--no-lpips-pretrained: random trunk, for tests)",
+    )
+    g.add_argument("--train-image-prep", default=d.train_image_prep, choices=IMAGE_PREPS)
+    g.add_argument("--test-image-prep", default=d.test_image_prep, choices=IMAGE_PREPS)
+    g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
+    g.add_argument("--num-workers", type=int, default=d.num_workers, help="data loader workers")
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--max-steps", type=int, default=d.max_steps)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--adam-beta1", type=float, default=d.adam_beta1)
+    g.add_argument("--adam-beta2", type=float, default=d.adam_beta2)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--adam-epsilon", type=float, default=d.adam_epsilon)
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    g.add_argument("--lr-scheduler", default=d.lr_scheduler, choices=LR_SCHEDULERS)
+    g.add_argument("--lr-warmup-steps", type=int, default=d.lr_warmup_steps)
+    g.add_argument("--lr-num-cycles", type=int, default=d.lr_num_cycles)
+    g.add_argument("--lr-power", type=float, default=d.lr_power)
+    g.add_argument("--gradient-accumulation-steps", type=int, default=d.gradient_accumulation_steps)
+    g = parser.add_argument_group("hardware and precision")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--mixed-precision", default=d.mixed_precision, choices=MIXED_PRECISION)
+    g.add_argument(
+        "--frozen-dtype",
+        default=d.frozen_dtype,
+        choices=FROZEN_DTYPES,
+        help="dtype of the frozen base weights; auto: the mixed-precision dtype (trainable stay fp32)",
+    )
+    g.add_argument("--allow-tf32", action="store_true")
+    g.add_argument("--cpu", action="store_true", help="train on the cpu even if a GPU is present")
+    g = parser.add_argument_group("checkpoints")
+    g.add_argument(
+        "--checkpoint-every", type=int, default=d.checkpoint_every, help="steps; 0: only at the end"
+    )
+    g.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept; 0: all")
+    g.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    g.add_argument("--publish-to", default=None, help="also place each model here (the app's model folder)")
+    g.add_argument(
+        "--name", default=None, help="model name for published files (default: output folder name)"
+    )
+    g = parser.add_argument_group("validation and logging")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps; 0: no validation")
+    g.add_argument("--num-eval-samples", type=int, default=d.num_eval_samples)
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--num-grid", type=int, default=d.num_grid, help="rows (input | output | target) per grid")
+    g.add_argument("--track-fid", action="store_true", help="FID of the outputs against test_B")
+    g.add_argument("--log-every", type=int, default=d.log_every)
+    g.add_argument("--report-to", default=d.report_to, choices=REPORT_TO)
+    g.add_argument("--tracker-project", default=d.tracker_project)
+
+
+C = TypeVar("C", bound=CommonConfig)
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """Build `cls` from parsed arguments (one attribute per field), then validate it."""
+    cfg = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    cfg.validate()
+    return cfg
