@@ -143,8 +143,8 @@ def test_every_bad_input_gives_one_clear_line(files, tiny_base_dir, tmp_path, ca
 
 def test_checkpoint_for_another_base_is_rejected(files, tmp_path, capsys):
     other = make_tiny_base(tmp_path / "wide", seed=1, unet_channels=(24, 32))
-    argv = ["translate", "--model", str(files / "sketch.pkl"), "--input", str(files / "photo.png"), "--output",
-            str(tmp_path / "o.png"), "--base", str(other), "--prompt", "x"]  # fmt: skip
+    argv = ["translate", "--model", str(files / "sketch.pkl"), "--input", str(files / "photo.png")]
+    argv += ["--output", str(tmp_path / "o.png"), "--base", str(other), "--prompt", "x"]
     code, _, err = run(argv, capsys)
     assert code == 2 and "does not fit the base model" in err
 

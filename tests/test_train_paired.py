@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from tiny import _write_tokenizer, make_tiny_base
 from transformers import CLIPConfig, CLIPModel
 
-from tests.tiny import _write_tokenizer, make_tiny_base
 from training import state as state_mod
 from training.config import ConfigError
 from training.paired import PairedConfig, PairedTrainer, main, train

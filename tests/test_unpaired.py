@@ -1,0 +1,287 @@
+"""Unpaired (CycleGAN-Turbo) training end to end on a tiny random base and two synthetic colour domains."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny import make_tiny_base
+from unpaired_assets import (
+    as_array,
+    colour_stats,
+    edge_correlation,
+    make_domains_dataset,
+    make_tiny_clip,
+    make_tiny_dino,
+)
+
+from training import state as state_mod
+from training.evaluate import Evaluator
+from training.state import load_state, resolve_checkpoint
+from training.unpaired import UnpairedConfig, UnpairedTrainer, main, train
+from turbo.checkpoint import load_checkpoint
+from turbo.pipeline import Pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Two cores shared with other jobs: one thread avoids OpenMP spinning.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("unpaired_assets")
+    return {
+        "base": make_tiny_base(root / "base"),
+        "clip": make_tiny_clip(root / "clip"),
+        "dino": make_tiny_dino(root / "dino"),
+        "data": make_domains_dataset(root / "domains"),
+    }
+
+
+def config(assets, output: Path, **overrides) -> UnpairedConfig:
+    # LPIPS off where a test does not need it: the random VGG trunk is the slowest piece here.
+    fields = dict(
+        dataset=str(assets["data"]), output=str(output), base=str(assets["base"]),
+        disc_backbone=str(assets["clip"]), dino_model=str(assets["dino"]), lpips_pretrained=False,
+        train_image_prep="no_resize", test_image_prep="no_resize", batch_size=2, max_steps=2, lr=1e-3,
+        rank_unet=8, eval_every=0, checkpoint_every=0, cpu=True, report_to="none", num_eval_samples=4,
+        lambda_cycle_lpips=0, lambda_idt_lpips=0,
+    )  # fmt: skip
+    fields.update(overrides)
+    return UnpairedConfig(**fields)
+
+
+def flat(ckpt) -> dict[str, torch.Tensor]:
+    return {f"unet.{k}": v for k, v in ckpt.unet.items()} | {
+        f"vae.{d}.{k}": v for d, sd in ckpt.vae.items() for k, v in sd.items()
+    }
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.mark.slow
+def test_a2b_moves_to_domain_b_colours_and_keeps_the_layout(assets, tmp_path):
+    # LPIPS is off (a random VGG trunk measures nothing perceptual), so its weight moves to L1.
+    cfg = config(assets, tmp_path / "run", max_steps=30, lr=5e-3, lambda_cycle=10, lambda_idt=5)
+    trainer = UnpairedTrainer(cfg)
+    ev = Evaluator(cfg.dataset, "a2b", "no_resize")
+    try:
+
+        def outputs():
+            return ev.translate_all(lambda x: trainer.translate(x, "a2b"), batch_size=8, progress=False)
+
+        before = outputs()
+        trainer.run()
+        after = outputs()
+    finally:
+        trainer.rt.close()
+    b_images = Evaluator(cfg.dataset, "b2a", "no_resize").inputs
+    # colour statistics: (mean luminance, mean blue - red) of domain A, domain B and the a2b outputs
+    stats_a, stats_b = colour_stats(ev.inputs), colour_stats(b_images)
+    stats_before, stats_after = colour_stats(before), colour_stats(after)
+    to_b = {k: float(np.linalg.norm(v - stats_b)) for k, v in (("A", stats_a), ("before", stats_before),
+                                                               ("after", stats_after))}  # fmt: skip
+    pairs = list(zip(ev.inputs, before, after, strict=True))
+    edges_before = np.mean([edge_correlation(x, y) for x, y, _ in pairs])
+    edges_after = np.mean([edge_correlation(x, z) for x, _, z in pairs])
+    change = np.mean([np.abs(as_array(x) - as_array(z)).mean() for x, _, z in pairs])
+    print(f"A {stats_a} B {stats_b} before {stats_before} after {stats_after} distance to B {to_b} "
+          f"edge corr {edges_before:.3f} -> {edges_after:.3f}, mean |out - in| {change:.3f}")  # fmt: skip
+    # most of the way to domain B's colours (darker ground, cooler shapes), closer than the random start
+    assert to_b["after"] < 0.25 * to_b["A"] and to_b["after"] < 0.6 * to_b["before"]
+    # the shapes stay where they were: edge maps correlate (the random start's do not)
+    assert edges_before < 0.15 and edges_after > 0.3
+    assert change > 0.25  # not a copy of the input
+
+
+def test_resume_matches_an_uninterrupted_run_and_survives_an_interrupted_save(assets, tmp_path, monkeypatch):
+    common = dict(checkpoint_every=1, max_steps=2)
+    straight = train(config(assets, tmp_path / "straight", **common))
+    half = train(config(assets, tmp_path / "resumed", **(common | {"max_steps": 1})))
+    resumed = train(config(assets, tmp_path / "resumed", **common, resume="latest"))
+    assert (half.step, resumed.step) == (1, 2)
+    assert max_diff(flat(straight.checkpoint), flat(half.checkpoint)) > 0  # step 2 changed the weights
+    assert max_diff(flat(straight.checkpoint), flat(resumed.checkpoint)) == 0.0
+    s_state, _ = load_state(resolve_checkpoint("latest", tmp_path / "straight"))
+    r_state, _ = load_state(resolve_checkpoint("latest", tmp_path / "resumed"))
+    for key in ("disc_a", "disc_b"):
+        assert max_diff(s_state[key], r_state[key]) == 0.0
+    assert (s_state["step"], s_state["epoch"], s_state["batch"]) == (2, r_state["epoch"], r_state["batch"])
+    # the original's step structure: 3 generator and 2 discriminator schedule steps per training step
+    assert s_state["sched_g"]["last_epoch"] == 6 and s_state["sched_d"]["last_epoch"] == 4
+    # a process killed while writing checkpoint 3 leaves checkpoint 2 loadable
+    trainer = UnpairedTrainer(config(assets, tmp_path / "resumed", **common, resume="latest"))
+    real_save = state_mod._torch_save
+
+    def killed(obj, path):
+        if Path(path).name == state_mod.STATE_FILE:
+            Path(path).write_bytes(b"half a file")
+            raise KeyboardInterrupt  # the process dies mid-save
+        real_save(obj, path)
+
+    monkeypatch.setattr(state_mod, "_torch_save", killed)
+    try:
+        trainer.step = 3
+        with pytest.raises(KeyboardInterrupt):
+            trainer.save(trainer.sampler.position)
+    finally:
+        trainer.rt.close()
+    root = tmp_path / "resumed" / "checkpoints"
+    assert (root / ".step_00000003.partial").is_dir() and not (root / "step_00000003").exists()
+    folder = resolve_checkpoint("latest", tmp_path / "resumed")
+    assert folder.name == "step_00000002"
+    state, rng = load_state(folder)
+    assert state["step"] == 2 and rng is not None and "disc_b" in state
+    assert load_checkpoint(folder / "model.safetensors").directions == ["a2b", "b2a"]
+
+
+def test_two_processes_end_with_identical_weights(assets, tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        "import json, sys, torch\n"
+        "torch.set_num_threads(1)\n"
+        "from training.unpaired import UnpairedConfig, UnpairedTrainer\n"
+        "cfg = UnpairedConfig(**json.loads(sys.argv[1]))\n"
+        "t = UnpairedTrainer(cfg)\n"
+        "t.run()\n"
+        "gen = {n: p.detach().clone() for n, p in t._named_trainable().items()}\n"
+        "disc = {f'{d}.{k}': v for d in 'ab' for k, v in t.disc[d].heads_state_dict().items()}\n"
+        "torch.save({'gen': gen, 'disc': disc, 'world': t.rt.world}, f'{cfg.output}/rank{t.rt.rank}.pt')\n"
+    )
+    cfg = config(assets, tmp_path / "ddp", batch_size=1, max_steps=1, gradient_accumulation_steps=2)
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    port = str(30500 + os.getpid() % 1000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    proc = subprocess.run(
+        [*cmd, str(worker), json.dumps(vars(cfg))],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
+    assert r0["world"] == r1["world"] == 2
+    assert max_diff(r0["gen"], r1["gen"]) == 0.0
+    assert max_diff(r0["disc"], r1["disc"]) == 0.0
+    lora_b = [v for k, v in r0["gen"].items() if "lora_B" in k]
+    assert lora_b and all(v.abs().max() > 0 for v in lora_b)  # it trained (LoRA B starts at 0)
+    step_dir = tmp_path / "ddp" / "checkpoints" / "step_00000001"
+    assert sorted(p.name for p in step_dir.iterdir()) == [
+        "model.safetensors",
+        "rng_0.pt",
+        "rng_1.pt",
+        "state.pt",
+    ]
+
+
+def test_cli_validates_publishes_and_the_app_loads_both_directions(assets, tmp_path, capsys):
+    publish = tmp_path / "app_models"
+    argv = ["--dataset", str(assets["data"]), "--output", str(tmp_path / "run"),
+            "--base", str(assets["base"]), "--disc-backbone", str(assets["clip"]),
+            "--dino-model", str(assets["dino"]), "--no-lpips-pretrained",
+            "--train-image-prep", "no_resize", "--rank-unet", "4", "--max-steps", "1", "--eval-every", "1",
+            "--num-eval-samples", "3", "--num-grid", "2", "--log-every", "1", "--cpu", "--report-to", "none",
+            "--publish-to", str(publish), "--name", "warm2cool"]  # fmt: skip
+    assert main(argv) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["step"] == 1 and set(printed) >= {"val/dino_struct_a2b", "val/dino_struct_b2a"}
+    run = tmp_path / "run"
+    report = json.loads((run / "eval" / "step_00000001" / "metrics.json").read_text())
+    assert [r["direction"] for r in report["results"]] == ["a2b", "b2a"]
+    assert report["results"][0]["dino_structure"] == pytest.approx(printed["val/dino_struct_a2b"])
+    from PIL import Image
+
+    assert Image.open(run / "eval" / "step_00000001.png").size == (64, 4 * 32)  # input | output, 2 x 2 rows
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    keys = {k for line in lines for k in line}
+    assert {"train/cycle_a", "train/gan_b", "train/idt_a", "train/disc_b", "val/dino_struct_b2a"} <= keys
+    # the published model: two directions, each with its target domain's caption, run by the app's pipeline
+    ckpt = load_checkpoint(publish / "warm2cool.safetensors")
+    assert ckpt.kind == "unpaired" and ckpt.directions == ["a2b", "b2a"]
+    assert ckpt.prompts == {"a2b": "cool shapes on dark ground", "b2a": "warm shapes on light ground"}
+    pipe = Pipeline(assets["base"], device="cpu")
+    info = pipe.load(publish / "warm2cool.safetensors")
+    assert info.directions == ["a2b", "b2a"]
+    image = Image.open(next((assets["data"] / "test_A").iterdir()))
+    outs = [pipe.translate(image, publish / "warm2cool.safetensors", direction=d) for d in ("a2b", "b2a")]
+    assert [o.prompt for o in outs] == [ckpt.prompts["a2b"], ckpt.prompts["b2a"]]
+    assert outs[0].image.size == image.size and outs[0].image.tobytes() != outs[1].image.tobytes()
+
+
+def test_bf16_keeps_fp32_weights_and_discriminators_take_no_generator_gradient(assets, tmp_path):
+    trainer = UnpairedTrainer(
+        config(assets, tmp_path / "bf16", mixed_precision="bf16", gradient_checkpointing=True, max_steps=1)
+    )
+    seen = []
+    real_update = trainer._gen_update
+
+    def checked_update():
+        seen.append([p.grad is None for d in "ab" for p in trainer.disc[d].trainable_parameters()])
+        real_update()
+
+    trainer._gen_update = checked_update
+    try:
+        assert trainer.base.text_encoder is None  # captions encoded once, text encoder freed
+        assert trainer.base.unet.conv_in.pretrained.weight.dtype == torch.bfloat16
+        assert all(p.dtype == torch.float32 for p in trainer.params)
+        result = trainer.run()
+    finally:
+        trainer.rt.close()
+    assert len(seen) == 3 and all(all(s) for s in seen)  # 3 generator updates per step, no head gradient
+    values = flat(result.checkpoint).values()
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in values)
+    lora_b = [v for k, v in flat(result.checkpoint).items() if "lora_B" in k]
+    assert all(v.abs().max() > 0 for v in lora_b)  # every LoRA moved off its zero start under bf16
+
+
+@pytest.mark.parametrize(
+    ("problem", "message"),
+    [
+        ("fixed_prompt_b.txt", "missing caption files"),
+        ("train_B", "train_B"),
+        ("bad image", "unreadable images"),
+    ],
+)
+def test_dataset_problems_are_reported(assets, tmp_path, capsys, problem, message):
+    data = make_domains_dataset(tmp_path / "data", n_train=(2, 2), n_test=(1, 1))
+    if problem == "fixed_prompt_b.txt":
+        (data / problem).unlink()
+    elif problem == "train_B":
+        for p in (data / "train_B").iterdir():
+            p.unlink()
+    else:
+        (data / "train_A" / "a000.png").write_bytes(b"not a png")
+    cfg = config(assets, tmp_path / "out")
+    argv = [
+        "--dataset",
+        str(data),
+        "--output",
+        cfg.output,
+        "--base",
+        cfg.base,
+        "--cpu",
+        "--report-to",
+        "none",
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err

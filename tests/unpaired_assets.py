@@ -1,0 +1,122 @@
+"""Helpers (no tests here) for the unpaired tests: synthetic colour domains and tiny random networks.
+
+Domain A: random shapes in warm colours on a light ground; domain B: the same kind of random shapes
+in cool colours on a dark ground. A translation A -> B must darken the ground and cool the shapes
+while keeping where the shapes are.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tiny import _write_tokenizer
+from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
+
+WARM = [(220, 60, 30), (240, 150, 20), (200, 30, 90)]
+COOL = [(30, 90, 230), (20, 190, 200), (90, 60, 220)]
+GROUND = {"a": (235, 230, 215), "b": (25, 30, 45)}
+CAPTIONS = {"a": "warm shapes on light ground", "b": "cool shapes on dark ground"}
+
+
+def draw_domain(domain: str, rng: random.Random, size: int = 32) -> Image.Image:
+    """One image of `domain` ("a" or "b"): 1-3 random ellipses/rectangles."""
+    img = Image.new("RGB", (size, size), GROUND[domain])
+    draw = ImageDraw.Draw(img)
+    colours = WARM if domain == "a" else COOL
+    for _ in range(rng.randint(1, 3)):
+        s = rng.randint(size // 4, size // 2)
+        x, y = rng.randint(0, size - s), rng.randint(0, size - s)
+        box = (x, y, x + s, y + s)
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=rng.choice(colours))
+    return img
+
+
+def make_domains_dataset(root: Path, n_train=(48, 40), n_test=(8, 8), size: int = 32, seed: int = 0) -> Path:
+    """The unpaired layout (train_A/B, test_A/B, fixed_prompt_a/b.txt); A and B differ in count."""
+    rng = random.Random(seed)
+    for split, counts in (("train", n_train), ("test", n_test)):
+        for domain, count in zip("ab", counts, strict=True):
+            folder = root / f"{split}_{domain.upper()}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                draw_domain(domain, rng, size).save(folder / f"{domain}{i:03d}.png")
+    for domain in "ab":
+        (root / f"fixed_prompt_{domain}.txt").write_text(CAPTIONS[domain] + "\n")
+    return root
+
+
+def make_tiny_clip(folder: Path, image_size: int = 32) -> Path:
+    """A tiny random CLIPModel plus tokenizer, saved like a hub checkpoint (discriminator backbone)."""
+    n = len(string.ascii_lowercase + string.digits + ".,'-")
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            max_position_embeddings=77, pad_token_id=0, bos_token_id=2 * n + 1, eos_token_id=2 * n + 2,
+            projection_dim=16,
+        ),
+        vision_config=dict(
+            image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=2, projection_dim=16,
+        ),
+        projection_dim=16,
+    )  # fmt: skip
+    CLIPModel(config).save_pretrained(folder)
+    _write_tokenizer(folder)
+    return folder
+
+
+def make_tiny_dino(folder: Path) -> Path:
+    """A tiny random ViT (patch 8) saved with save_pretrained, standing in for DINO ViT-B/8."""
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=224,
+        patch_size=8, layer_norm_eps=1e-6,
+    )  # fmt: skip
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    return folder
+
+
+def random_fid_weights(path: Path, seed: int = 0) -> Path:
+    """A random FID Inception state dict written to `path` (what --fid-weights reads).
+
+    Conv kernels are He-scaled so the random features neither vanish nor explode.
+    """
+    from training.fid import fid_inception_v3
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, value in fid_inception_v3().state_dict().items():
+        if name.endswith("conv.weight"):
+            value = torch.randn(value.shape, generator=g) * (2.0 / value[0].numel()) ** 0.5
+        state[name] = value
+    torch.save(state, path)
+    return path
+
+
+def as_array(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("RGB"), dtype=np.float64) / 255.0
+
+
+def colour_stats(images: list[Image.Image]) -> np.ndarray:
+    """(mean luminance, mean of blue - red) over a set of images, values in [0, 1] / [-1, 1]."""
+    arrs = np.stack([as_array(im) for im in images])
+    lum = arrs @ np.array([0.299, 0.587, 0.114])
+    return np.array([lum.mean(), (arrs[..., 2] - arrs[..., 0]).mean()])
+
+
+def edge_map(img: Image.Image) -> np.ndarray:
+    """Gradient magnitude of the luminance (finite differences), shape (H-1, W-1)."""
+    lum = as_array(img) @ np.array([0.299, 0.587, 0.114])
+    return np.hypot(np.diff(lum, axis=0)[:, :-1], np.diff(lum, axis=1)[:-1, :])
+
+
+def edge_correlation(a: Image.Image, b: Image.Image) -> float:
+    """Pearson correlation of the two images' edge maps (1: same layout)."""
+    return float(np.corrcoef(edge_map(a).ravel(), edge_map(b).ravel())[0, 1])

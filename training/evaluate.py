@@ -1,0 +1,332 @@
+"""Evaluating unpaired translation: FID and DINO-ViT structure distance on a dataset's test split.
+
+    python -m training.evaluate --model FILE_OR_NAME --dataset DIR --direction a2b|b2a [--output DIR]
+
+What is measured, as the original img2img-turbo's training validation does it:
+
+- Inputs: the source domain's test images (test_A for a2b, test_B for b2a), sorted by name, each
+  prepared with the validation transform (`--image-prep`, default the model's own preparation) and
+  centre-cropped to multiples of 8; outputs are saved as PNG (`samples/00000.png`, ...).
+- DINO structure: mean over the images of the distance between the prepared input and its output
+  (`training.dino_structure`, DINO ViT-B/8 key self-similarity).
+- FID: outputs against the target domain's test images (test_B for a2b) prepared with the same
+  transform, with clean-fid's "clean" protocol (`training.fid`). The Fréchet distance's trace term
+  is computed from eigenvalues (`frechet_distance_eig`), which agrees with scipy's `sqrtm` to ~1e-8
+  relative and is several times faster on a cpu.
+
+Results go to `<output>/metrics.json` and `<output>/metrics.md`. Training validation
+(`training.unpaired`) uses `Evaluator` with the model being trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from training.data import DatasetError, crop_to_multiple_of_8, list_images
+from training.dino_structure import DINO_HUB_ID, DinoStructureDistance
+from training.fid import FIDExtractor, FIDInputError, stats_from_features
+from turbo.preprocess import IMAGE_PREPS, build_transform, load_image, to_model_input, to_pil
+
+logger = logging.getLogger(__name__)
+
+DIRECTIONS = ("a2b", "b2a")
+# direction -> (folder of the inputs, folder of the target domain's references)
+SPLITS = {"a2b": ("test_A", "test_B"), "b2a": ("test_B", "test_A")}
+DEFAULT_IMAGE_PREP = "no_resize"
+
+Translate = Callable[[torch.Tensor], torch.Tensor]
+
+
+class EvaluationError(ValueError):
+    """A model, dataset or option that cannot be evaluated."""
+
+
+# --- the Fréchet distance ------------------------------------------------------------------------
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr(sqrtm(sigma1 @ sigma2)) for symmetric positive semi-definite sigma1, sigma2.
+
+    sigma1 @ sigma2 is similar to the symmetric r @ sigma2 @ r with r = sqrtm(sigma1), so the trace of
+    its square root is the sum of the square roots of that matrix's eigenvalues (rounding negatives
+    to 0). Two symmetric eigendecompositions in float64 replace scipy's general Schur-based sqrtm.
+    """
+    s1 = torch.from_numpy(np.asarray(sigma1, dtype=np.float64))
+    s2 = torch.from_numpy(np.asarray(sigma2, dtype=np.float64))
+    w, v = torch.linalg.eigh((s1 + s1.T) / 2)
+    r = (v * _drop_rounding(w).sqrt()) @ v.T
+    m = r @ s2 @ r
+    return float(_drop_rounding(torch.linalg.eigvalsh((m + m.T) / 2)).sqrt().sum())
+
+
+def _drop_rounding(eigenvalues: torch.Tensor) -> torch.Tensor:
+    # Covariances of fewer samples than dimensions are singular; their zero eigenvalues come out as
+    # rounding noise of either sign (~1e-16 x the largest), whose square roots would add up.
+    floor = eigenvalues.abs().max() * eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps
+    return torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues))
+
+
+def frechet_distance_eig(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
+    """||mu1 - mu2||^2 + Tr(sigma1) + Tr(sigma2) - 2 Tr(sqrt(sigma1 sigma2)); see `trace_sqrt_product`.
+
+    Same value as `training.fid.frechet_distance` (measured: relative difference <= 3e-8 on
+    2048-d statistics of 100-4000 samples).
+    """
+    mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
+    sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
+    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (len(mu1), len(mu1)):
+        raise FIDInputError(
+            f"statistics do not match: mu {mu1.shape}/{mu2.shape}, sigma {sigma1.shape}/{sigma2.shape}"
+        )
+    diff = mu1 - mu2
+    trace = np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2)
+    return float(diff.dot(diff) + trace)
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class EvalResult:
+    """One direction's scores. fid / dino_structure are None when not computed."""
+
+    direction: str
+    num_images: int
+    fid: float | None
+    dino_structure: float | None
+    image_prep: str
+    samples: str
+
+
+def test_files(dataset: str | Path, direction: str) -> tuple[list[Path], list[Path]]:
+    """(input files, reference files) of a direction, sorted by name; raises DatasetError if absent."""
+    if direction not in SPLITS:
+        raise EvaluationError(f"--direction {direction!r} is not one of {', '.join(DIRECTIONS)}")
+    root = Path(dataset)
+    found = []
+    for split in SPLITS[direction]:
+        folder = root / split
+        if not folder.is_dir():
+            raise DatasetError(f"{folder} is missing (evaluation reads the test split)")
+        names = list_images(folder)
+        if not names:
+            raise DatasetError(f"no images in {folder}")
+        found.append([folder / n for n in names])
+    return found[0], found[1]
+
+
+def prepare(path: Path, image_prep: str) -> Image.Image:
+    """Validation preparation: load as RGB, the image_prep transform, centre crop to multiples of 8."""
+    return crop_to_multiple_of_8(build_transform(image_prep)(load_image(path)))
+
+
+class Evaluator:
+    """One direction's evaluation on a dataset's test split; build once, `run` per model state.
+
+    The prepared inputs and the references' FID statistics are computed here, once. fid / dino:
+    the metric networks, or None to skip that metric. num_images: 0 for all test inputs.
+    """
+
+    def __init__(
+        self,
+        dataset: str | Path,
+        direction: str,
+        image_prep: str = DEFAULT_IMAGE_PREP,
+        fid: FIDExtractor | None = None,
+        dino: DinoStructureDistance | None = None,
+        num_images: int = 0,
+    ) -> None:
+        if image_prep not in IMAGE_PREPS:
+            raise EvaluationError(f"--image-prep {image_prep!r} is not one of {', '.join(IMAGE_PREPS)}")
+        if num_images < 0:
+            raise EvaluationError(f"--num-images must be 0 (all) or more, got {num_images}")
+        inputs, references = test_files(dataset, direction)
+        if num_images:
+            inputs = inputs[:num_images]
+        self.direction, self.image_prep, self.fid, self.dino = direction, image_prep, fid, dino
+        self.inputs = [prepare(p, image_prep) for p in inputs]
+        self.ref_stats = None
+        if fid is not None:
+            if len(self.inputs) < 2 or len(references) < 2:
+                logger.warning("FID needs at least 2 inputs and 2 references; FID is off")
+                self.fid = None
+            else:
+                refs = [prepare(p, image_prep) for p in references]
+                self.ref_stats = stats_from_features(fid.features(refs, "FID reference features"))
+
+    @torch.no_grad()
+    def translate_all(
+        self, translate: Translate, batch_size: int = 1, progress: bool = True
+    ) -> list[Image.Image]:
+        """Outputs of `translate` (image batch in [-1, 1] -> image batch in [-1, 1]) for every input.
+
+        Consecutive inputs of equal size are batched together, up to batch_size.
+        """
+        outputs: list[Image.Image] = []
+        bar = tqdm(total=len(self.inputs), desc=f"translating {self.direction}", disable=not progress)
+        i = 0
+        while i < len(self.inputs):
+            group = [self.inputs[i]]
+            while len(group) < batch_size and i + len(group) < len(self.inputs):
+                if self.inputs[i + len(group)].size != group[0].size:
+                    break
+                group.append(self.inputs[i + len(group)])
+            x = torch.cat([to_model_input(im, "unpaired") for im in group])
+            out = translate(x)
+            outputs += [to_pil(o) for o in out.float().cpu()]
+            i += len(group)
+            bar.update(len(group))
+        bar.close()
+        return outputs
+
+    def run(
+        self, translate: Translate, output: str | Path, batch_size: int = 1, progress: bool = True
+    ) -> EvalResult:
+        """Translate the inputs, save them under `<output>/samples/`, and score them."""
+        samples = Path(output) / "samples"
+        samples.mkdir(parents=True, exist_ok=True)
+        outputs = self.translate_all(translate, batch_size, progress)
+        for i, im in enumerate(outputs):
+            im.save(samples / f"{i:05d}.png")
+        dino = None
+        if self.dino is not None:
+            dino = self.dino.mean_distance(self.inputs, outputs, progress=progress)
+        fid = None
+        if self.fid is not None:
+            mu, sigma = stats_from_features(self.fid.features(outputs, "FID output features"))
+            fid = frechet_distance_eig(mu, sigma, *self.ref_stats)
+        return EvalResult(self.direction, len(outputs), fid, dino, self.image_prep, str(samples))
+
+
+def write_report(results: Sequence[EvalResult], output: str | Path, model: str = "") -> tuple[Path, Path]:
+    """Write `<output>/metrics.json` and a markdown table `<output>/metrics.md`; returns both paths."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = output / "metrics.json", output / "metrics.md"
+    json_path.write_text(
+        json.dumps({"model": model, "results": [asdict(r) for r in results]}, indent=2) + "\n"
+    )
+
+    def fmt(v: float | None, scale: float = 1.0) -> str:
+        return "-" if v is None else f"{v * scale:.4f}"
+
+    lines = [
+        f"Model: `{model}`" if model else "",
+        "",
+        "| direction | images | FID | DINO structure (x100) | image prep |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.direction} | {r.num_images} | {fmt(r.fid)} | {fmt(r.dino_structure, 100)} | {r.image_prep} |"
+        for r in results
+    ]
+    md_path.write_text("\n".join(lines).lstrip("\n") + "\n")
+    return json_path, md_path
+
+
+# --- the CLI ------------------------------------------------------------------------------------
+
+
+def load_fid_weights(path: str) -> dict[str, torch.Tensor]:
+    """A FID Inception state dict from a file (.safetensors, or a torch file read with weights_only)."""
+    p = Path(path)
+    if not p.is_file():
+        raise EvaluationError(f"--fid-weights {path}: no such file")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(p)
+    return torch.load(p, map_location="cpu", weights_only=True)
+
+
+def build_metrics(
+    no_fid: bool, no_dino: bool, dino_model: str, fid_weights: str | None, device: torch.device
+) -> tuple[FIDExtractor | None, DinoStructureDistance | None]:
+    """The metric networks the flags ask for (None where skipped)."""
+    fid = None
+    if not no_fid:
+        state = load_fid_weights(fid_weights) if fid_weights else None
+        fid = FIDExtractor(state_dict=state, device=device, progress=False)
+    dino = None if no_dino else DinoStructureDistance(device=device, hub_id=dino_model)
+    return fid, dino
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a released model name or a checkpoint file")
+    p.add_argument("--dataset", required=True, help="unpaired dataset folder (reads test_A/ and test_B/)")
+    p.add_argument("--direction", default=None, choices=DIRECTIONS, help="default: the model's first")
+    p.add_argument("--output", default="evaluation", help="folder for samples/, metrics.json, metrics.md")
+    p.add_argument(
+        "--image-prep", default=None, choices=IMAGE_PREPS, help="default: the model's, else no_resize"
+    )
+    p.add_argument("--num-images", type=int, default=0, help="first N test inputs; 0: all")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument(
+        "--base", default=None, help="SD-Turbo hub id or local folder (default stabilityai/sd-turbo)"
+    )
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: best available)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "fp16", "bf16"))
+    p.add_argument("--prompt", default=None, help="caption to use instead of the model's")
+    p.add_argument("--no-fid", action="store_true", help="skip FID")
+    p.add_argument("--no-dino", action="store_true", help="skip the DINO structure distance")
+    p.add_argument("--dino-model", default=DINO_HUB_ID, help="DINO ViT: hub id or local folder")
+    p.add_argument("--fid-weights", default=None, help="FID Inception state dict file (default: download)")
+    return p
+
+
+def evaluate_model(args: argparse.Namespace) -> EvalResult:
+    """Run the CLI's evaluation (see module doc) and write its report."""
+    from turbo.base import DEFAULT_BASE
+    from turbo.pipeline import Pipeline
+
+    if args.batch_size < 1:
+        raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
+    pipe = Pipeline(args.base or DEFAULT_BASE, device=args.device, dtype=args.dtype, max_models=1)
+    info = pipe.load(args.model)
+    if info.kind != "unpaired":
+        raise EvaluationError(f"{args.model} is a {info.kind} model; this evaluation is for unpaired ones")
+    direction = args.direction or info.default_direction
+    if direction not in info.directions:
+        raise EvaluationError(
+            f"{info.name} has no direction {direction} (it has {', '.join(info.directions)})"
+        )
+    prompt = pipe.pick_prompt(info, args.prompt, direction)
+    image_prep = args.image_prep or info.image_prep or DEFAULT_IMAGE_PREP
+    fid, dino = build_metrics(args.no_fid, args.no_dino, args.dino_model, args.fid_weights, pipe.base.device)
+    evaluator = Evaluator(args.dataset, direction, image_prep, fid, dino, args.num_images)
+    emb = pipe.prompt_embedding(prompt)
+
+    def translate(x: torch.Tensor) -> torch.Tensor:
+        return pipe.generator(x.to(pipe.base.device), emb, info.key, direction)
+
+    result = evaluator.run(translate, args.output, args.batch_size)
+    write_report([result], args.output, str(args.model))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        result = evaluate_model(args)
+    except (ValueError, OSError) as e:  # our errors subclass ValueError; say them in one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

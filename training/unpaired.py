@@ -1,0 +1,488 @@
+"""CycleGAN-Turbo training: `python -m training.unpaired --dataset DIR --output DIR [...]`.
+
+The paper's objective, in the original train_cyclegan_turbo.py's order within one step. One shared
+UNet (LoRA, rank 128, in the original's down/up/other groups, conv_in trainable) and, per
+direction, VAE LoRA and skip convs over one frozen VAE; the direction's target domain is named by
+its caption (a2b runs with caption B, b2a with caption A). D_b judges domain B images, D_a domain A.
+
+1. cycle: lambda_cycle * L1(G_b2a(G_a2b(a)), a) + lambda_cycle_lpips * LPIPS(...), and the same from
+   b; generator optimizer step;
+2. GAN: lambda_gan * (D_b(G_a2b(a), for_G) + D_a(G_b2a(b), for_G)) on fresh forward passes, the
+   discriminators' heads frozen (they take no gradient); generator step;
+3. identity: lambda_idt * L1(G_a2b(b), b) + lambda_idt_lpips * LPIPS(...), and the same for
+   G_b2a(a) vs a; generator step;
+4. discriminators on step 2's outputs, detached (fake), then on the real images: two steps.
+
+Every optimizer step clips the gradient norm (10) and advances its LR schedule, as the original does
+(three generator and two discriminator schedule steps per training step). Unlike the original, the
+schedules' lengths count those optimizer updates (warmup and total x3 for the generator, x2 for the
+discriminators), so --lr-warmup-steps and --max-steps keep meaning training steps and a decaying
+schedule ends at the end of the run, not at a third of it. With the default constant schedule this
+makes no difference.
+
+Memory (`--gradient-checkpointing`, `--mixed-precision bf16`): the captions are encoded once and the
+text encoder is freed; trainable weights stay fp32 and every loss is computed in fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+
+from training.config import CommonConfig, ConfigError, add_common_arguments, config_from_args
+from training.data import UnpairedDataset
+from training.dino_structure import DINO_HUB_ID
+from training.discriminator import CLIPDiscriminator
+from training.evaluate import EvalResult, Evaluator, build_metrics, write_report
+from training.frozen import build_discriminator, build_lpips
+from training.paired import TrainResult, _as_fp32
+from training.runtime import Runtime, save_grid
+from training.sampler import Position, ResumableBatchSampler, batches
+from training.state import CheckpointWriter, ResumeError, load_state, resolve_checkpoint, set_rng_state
+from turbo.base import BaseModel, load_base
+from turbo.checkpoint import TurboCheckpoint, save_checkpoint
+from turbo.generator import Generator
+from turbo.preprocess import to_model_input
+
+logger = logging.getLogger(__name__)
+
+MODEL = "train"  # the name of the model being trained inside the Generator
+DOMAINS = ("a", "b")
+GEN_UPDATES_PER_STEP = 3  # cycle, GAN, identity
+DISC_UPDATES_PER_STEP = 2  # fake, real
+
+__all__ = ["UnpairedConfig", "UnpairedTrainer", "TrainResult", "train", "main"]
+
+
+@dataclass
+class UnpairedConfig(CommonConfig):
+    """Unpaired-training options on top of CommonConfig; defaults are the original's."""
+
+    # the original's unpaired defaults where they differ from the shared (paired) ones
+    train_image_prep: str = "resize_286_randomcrop_256x256_hflip"
+    test_image_prep: str = "no_resize"
+    batch_size: int = 1
+    lr: float = 1e-5
+    max_grad_norm: float = 10.0
+    lambda_gan: float = 0.5
+    lambda_idt: float = 1.0
+    lambda_cycle: float = 1.0
+    lambda_cycle_lpips: float = 10.0
+    lambda_idt_lpips: float = 1.0
+    gan_loss_type: str = "multilevel_sigmoid"
+    rank_unet: int = 128
+    rank_vae: int = 4
+    dino_model: str = DINO_HUB_ID
+    track_dino: bool = True
+    fid_weights: str | None = None
+
+    def validate(self) -> None:
+        super().validate()
+        for f in ("lambda_gan", "lambda_idt", "lambda_cycle", "lambda_cycle_lpips", "lambda_idt_lpips"):
+            if getattr(self, f) < 0:
+                raise ConfigError(f"--{f.replace('_', '-')} must be 0 or more, got {getattr(self, f)}")
+        if self.rank_unet < 1 or self.rank_vae < 1:
+            raise ConfigError(f"LoRA ranks must be at least 1, got {self.rank_unet}/{self.rank_vae}")
+        if self.frozen_dtype not in ("auto", "fp32") and self.mixed_precision == "no":
+            raise ConfigError(
+                "--frozen-dtype fp16/bf16 needs --mixed-precision (trainable weights stay fp32)"
+            )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training.unpaired", description=__doc__.split("\n\n")[0])
+    add_common_arguments(p)
+    d = UnpairedConfig("", "")
+    # The shared parser's defaults are the paired ones; the unpaired defaults replace them.
+    p.set_defaults(
+        lr=d.lr, max_grad_norm=d.max_grad_norm, batch_size=d.batch_size,
+        train_image_prep=d.train_image_prep, test_image_prep=d.test_image_prep,
+    )  # fmt: skip
+    g = p.add_argument_group("unpaired objective and model")
+    g.add_argument("--lambda-gan", type=float, default=d.lambda_gan)
+    g.add_argument("--lambda-idt", type=float, default=d.lambda_idt)
+    g.add_argument("--lambda-cycle", type=float, default=d.lambda_cycle)
+    g.add_argument("--lambda-cycle-lpips", type=float, default=d.lambda_cycle_lpips)
+    g.add_argument("--lambda-idt-lpips", type=float, default=d.lambda_idt_lpips)
+    g.add_argument(
+        "--gan-loss-type", default=d.gan_loss_type, choices=("multilevel_sigmoid", "multilevel_sigmoid_s")
+    )
+    g.add_argument("--rank-unet", type=int, default=d.rank_unet)
+    g.add_argument("--rank-vae", type=int, default=d.rank_vae)
+    g = p.add_argument_group("unpaired validation (test_A/test_B, both directions)")
+    g.add_argument("--dino-model", default=d.dino_model, help="DINO ViT for the structure distance")
+    g.add_argument(
+        "--track-dino", action=argparse.BooleanOptionalAction, default=d.track_dino,
+        help="DINO structure distance in validation",
+    )  # fmt: skip
+    g.add_argument("--fid-weights", default=None, help="FID Inception state dict file (default: download)")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> UnpairedConfig:
+    return config_from_args(UnpairedConfig, build_parser().parse_args(argv))
+
+
+class UnpairedTrainer:
+    """One training run; build it on every process, then call `run()`."""
+
+    def __init__(
+        self,
+        cfg: UnpairedConfig,
+        rt: Runtime | None = None,
+        base: BaseModel | None = None,
+        networks: dict[str, torch.nn.Module] | None = None,
+    ) -> None:
+        """base / networks ("disc_a", "disc_b", "lpips"): already built ones to use instead of loading
+        them from cfg (benchmarks build random full-size networks in memory)."""
+        cfg.validate()
+        self.cfg = cfg
+        self.rt = rt or Runtime(cfg)
+        rt, dev = self.rt, self.rt.device
+        rt.seed(cfg.seed, per_process=False)  # identical initial weights on every process
+        self.train_set = UnpairedDataset(cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed)
+        self.base = base or load_base(cfg.base, device=dev, dtype=rt.frozen_dtype)
+        # The captions are fixed: encode them once and free the text encoder.
+        self.captions = {"a": self.train_set.caption_src, "b": self.train_set.caption_tgt}
+        self.emb = {
+            "a2b": self.base.encode_prompt(self.captions["b"]).float(),
+            "b2a": self.base.encode_prompt(self.captions["a"]).float(),
+        }
+        self.base.text_encoder = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.gen = Generator(self.base)
+        self.gen.new_model(MODEL, "unpaired", rank_unet=cfg.rank_unet, rank_vae=cfg.rank_vae)
+        self.params = self.gen.trainable_parameters(MODEL)
+        for p in self.params:
+            p.data = p.data.float()  # trainable weights stay fp32 whatever the frozen dtype
+        if cfg.gradient_checkpointing:
+            self.gen.unet.enable_gradient_checkpointing()
+            self.gen.vae.gradient_checkpointing = True
+        nets = networks or {}
+        disc_a = nets.get("disc_a") or build_discriminator(cfg.disc_backbone, cfg.gan_loss_type, dev)
+        # Both discriminators share one frozen CLIP tower (only their heads differ), stored in the
+        # frozen dtype: one ViT-B/32 in memory instead of two.
+        disc_a.backbone.to(dtype=rt.frozen_dtype)
+        disc_b = nets.get("disc_b") or CLIPDiscriminator(disc_a.backbone, loss_type=cfg.gan_loss_type)
+        self.disc = {"a": disc_a, "b": disc_b.to(dev).train()}
+        self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev)
+
+        def adamw(params):
+            return torch.optim.AdamW(
+                params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                eps=cfg.adam_epsilon,
+            )  # fmt: skip
+
+        def schedule(opt, updates: int):
+            return get_scheduler(
+                cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps * updates,
+                num_training_steps=cfg.max_steps * updates, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
+            )  # fmt: skip
+
+        opt_g = adamw(self.params)
+        opt_d = adamw(self.disc["a"].trainable_parameters() + self.disc["b"].trainable_parameters())
+        self.sched_g = schedule(opt_g, GEN_UPDATES_PER_STEP)
+        self.sched_d = schedule(opt_d, DISC_UPDATES_PER_STEP)
+        acc = rt.accelerator
+        self.gen_ddp, disc_a, disc_b, self.opt_g, self.opt_d = acc.prepare(
+            self.gen, self.disc["a"], self.disc["b"], opt_g, opt_d
+        )
+        self.disc_ddp = {"a": disc_a, "b": disc_b}
+        self.sampler = ResumableBatchSampler(len(self.train_set), cfg.batch_size, rt.rank, rt.world, cfg.seed)
+        self.loader = torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers,
+            pin_memory=dev.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
+        )  # fmt: skip
+        self.writer = CheckpointWriter(cfg.output, cfg.keep_last, rt.rank, rt.world, rt.barrier)
+        self.step = 0
+        self.name = cfg.name or Path(cfg.output).resolve().name
+        self.evaluators: dict[str, Evaluator] = {}
+        if rt.is_main and cfg.eval_every > 0 and cfg.num_eval_samples > 0:
+            self._build_evaluators()
+        rt.barrier()
+        rng = self._resume() if cfg.resume else None
+        rt.seed(cfg.seed + 1, per_process=True)  # from here on, each process its own augmentations
+        if rng is not None:
+            set_rng_state(rng)
+
+    # -- model -------------------------------------------------------------------------------------
+
+    def export(self) -> TurboCheckpoint:
+        """The model trained so far: both directions, each with its target domain's caption."""
+        ckpt = self.gen.export(
+            MODEL, prompts={"a2b": self.captions["b"], "b2a": self.captions["a"]},
+            image_prep=self.cfg.test_image_prep, base_model=self.cfg.base,
+        )  # fmt: skip
+        return _as_fp32(ckpt)
+
+    def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
+        """Images in [-1, 1] (B, 3, H, W) -> the other domain, with the model being trained."""
+        with self.rt.autocast():
+            return self.gen(
+                x.to(self.rt.device), self.emb[direction], model=MODEL, direction=direction
+            ).float()
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def _named_trainable(self) -> dict[str, torch.nn.Parameter]:
+        ids = {id(p) for p in self.params}
+        return {n: p for n, p in self.gen.named_parameters() if id(p) in ids}
+
+    def state_dict(self, position: Position) -> dict:
+        state = {
+            "step": self.step,
+            "epoch": position.epoch,
+            "batch": position.batch,
+            "generator": {n: p.detach().cpu().clone() for n, p in self._named_trainable().items()},
+            "disc_a": {k: v.cpu() for k, v in self.disc["a"].heads_state_dict().items()},
+            "disc_b": {k: v.cpu() for k, v in self.disc["b"].heads_state_dict().items()},
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "sched_d": self.sched_d.state_dict(),
+            "config": json.dumps(asdict(self.cfg)),
+        }
+        scaler = self.rt.accelerator.scaler
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        return state
+
+    def _resume(self) -> dict | None:
+        folder = resolve_checkpoint(self.cfg.resume, self.cfg.output)
+        state, rng = load_state(folder, self.rt.rank)
+        if "disc_a" not in state:
+            raise ResumeError(f"{folder}: not an unpaired training checkpoint")
+        named, saved = self._named_trainable(), state["generator"]
+        if set(saved) != set(named):
+            raise ResumeError(f"{folder}: its generator does not match this run's model (other LoRA ranks?)")
+        with torch.no_grad():
+            for n, p in named.items():
+                if saved[n].shape != p.shape:
+                    raise ResumeError(
+                        f"{folder}: {n} has shape {tuple(saved[n].shape)}, this run needs {tuple(p.shape)}"
+                    )
+                p.copy_(saved[n])
+        for d in DOMAINS:
+            self.disc[d].load_heads_state_dict(state[f"disc_{d}"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self.sched_d.load_state_dict(state["sched_d"])
+        if "scaler" in state and self.rt.accelerator.scaler is not None:
+            self.rt.accelerator.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.sampler.position = Position(int(state["epoch"]), int(state["batch"]))
+        if int(state.get("world_size", 1)) != self.rt.world:
+            logger.warning("resuming on %d process(es), saved with %d: data order and RNG streams differ",
+                           self.rt.world, state.get("world_size", 1))  # fmt: skip
+            rng = None
+        logger.info("resumed from %s at step %d", folder, self.step)
+        return rng
+
+    def save(self, position: Position) -> None:
+        model = self.export() if self.rt.is_main else None
+        self.writer.save(self.step, model, self.state_dict(position))
+        if self.rt.is_main and self.cfg.publish_to:
+            save_checkpoint(model, Path(self.cfg.publish_to) / f"{self.name}.safetensors")
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def _g(self, x: torch.Tensor, direction: str) -> torch.Tensor:
+        return self.gen_ddp(x, self.emb[direction], model=MODEL, direction=direction)
+
+    def _rec_loss(self, pred: torch.Tensor, target: torch.Tensor, l1: float, lp: float) -> torch.Tensor:
+        # In fp32, outside autocast: under bf16 a small L1/LPIPS difference between near-identical
+        # images (the start of training, when G is close to the identity) rounds away.
+        with torch.autocast(self.rt.device.type, enabled=False):
+            pred, target = pred.float(), target.float()
+            loss = l1 * F.l1_loss(pred, target)
+            if lp > 0:
+                loss = loss + lp * self.lpips(pred, target).mean()
+        return loss
+
+    def _gen_update(self) -> None:
+        self.rt.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.opt_g.step()
+        self.sched_g.step()
+        self.opt_g.zero_grad(set_to_none=True)
+
+    def train_step(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """One step (five optimizer updates, see module doc) over micro-batches of (a, b) images."""
+        cfg, rt, acc, n = self.cfg, self.rt, self.rt.accelerator, len(micro)
+        logs: dict[str, float] = {}
+
+        def add(k, v):
+            logs[k] = logs.get(k, 0.0) + float(v.detach()) / n
+
+        # 1. cycle consistency
+        for i, (a, b) in enumerate(micro):
+            with rt.no_sync(self.gen_ddp, i == n - 1), rt.autocast():
+                rec_a = self._g(self._g(a, "a2b"), "b2a")
+                rec_b = self._g(self._g(b, "b2a"), "a2b")
+                cyc_a = self._rec_loss(rec_a, a, cfg.lambda_cycle, cfg.lambda_cycle_lpips)
+                cyc_b = self._rec_loss(rec_b, b, cfg.lambda_cycle, cfg.lambda_cycle_lpips)
+            acc.backward((cyc_a + cyc_b) / n)
+            add("cycle_a", cyc_a), add("cycle_b", cyc_b)
+        self._gen_update()
+        # 2. GAN, generator side: the discriminators' heads are frozen and take no gradient
+        fakes = []
+        for i, (a, b) in enumerate(micro):
+            with rt.no_sync(self.gen_ddp, i == n - 1), rt.autocast():
+                fake_b, fake_a = self._g(a, "a2b"), self._g(b, "b2a")
+                with self.disc["a"].frozen_heads(), self.disc["b"].frozen_heads():
+                    gan_b = self.disc["b"](fake_b.float(), for_G=True).mean() * cfg.lambda_gan
+                    gan_a = self.disc["a"](fake_a.float(), for_G=True).mean() * cfg.lambda_gan
+            acc.backward((gan_a + gan_b) / n)
+            fakes.append((fake_a.detach().float(), fake_b.detach().float()))
+            add("gan_a", gan_a), add("gan_b", gan_b)
+        self._gen_update()
+        # 3. identity: a generator given an image already in its target domain leaves it alone
+        for i, (a, b) in enumerate(micro):
+            with rt.no_sync(self.gen_ddp, i == n - 1), rt.autocast():
+                idt_b = self._rec_loss(self._g(b, "a2b"), b, cfg.lambda_idt, cfg.lambda_idt_lpips)
+                idt_a = self._rec_loss(self._g(a, "b2a"), a, cfg.lambda_idt, cfg.lambda_idt_lpips)
+            acc.backward((idt_a + idt_b) / n)
+            add("idt_a", idt_a), add("idt_b", idt_b)
+        self._gen_update()
+        # 4. discriminators: last GAN step's outputs (fake), then the real images
+        heads = self.disc["a"].trainable_parameters() + self.disc["b"].trainable_parameters()
+        images = {"fake": fakes, "real": [(a.float(), b.float()) for a, b in micro]}
+        for what in ("fake", "real"):
+            for i, (img_a, img_b) in enumerate(images[what]):
+                sync = i == n - 1
+                with (
+                    rt.no_sync(self.disc_ddp["a"], sync),
+                    rt.no_sync(self.disc_ddp["b"], sync),
+                    rt.autocast(),
+                ):
+                    loss_a = self.disc_ddp["a"](img_a, for_real=what == "real").mean() * cfg.lambda_gan
+                    loss_b = self.disc_ddp["b"](img_b, for_real=what == "real").mean() * cfg.lambda_gan
+                acc.backward((loss_a + loss_b) * 0.5 / n)
+                add("disc_a", loss_a), add("disc_b", loss_b)
+            acc.clip_grad_norm_(heads, cfg.max_grad_norm)
+            self.opt_d.step()
+            self.sched_d.step()
+            self.opt_d.zero_grad(set_to_none=True)
+        return logs
+
+    # -- validation --------------------------------------------------------------------------------
+
+    def _build_evaluators(self) -> None:
+        cfg = self.cfg
+        if not (Path(cfg.dataset) / "test_A").is_dir() or not (Path(cfg.dataset) / "test_B").is_dir():
+            logger.warning("no test_A/ or test_B/ in %s: validation is off", cfg.dataset)
+            return
+        fid, dino = build_metrics(not cfg.track_fid, not cfg.track_dino, cfg.dino_model, cfg.fid_weights,
+                                  self.rt.device)  # fmt: skip
+        self.evaluators = {
+            d: Evaluator(cfg.dataset, d, cfg.test_image_prep, fid, dino, cfg.num_eval_samples)
+            for d in ("a2b", "b2a")
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation on rank 0 (others wait): both directions' DINO structure and FID (if tracked),
+        with `training.evaluate`; outputs under <output>/eval/step_<N>/, a grid in eval/step_<N>.png."""
+        metrics: dict[str, float] = {}
+        if self.rt.is_main and self.evaluators:
+            folder = Path(self.cfg.output) / "eval" / f"step_{self.step:08d}"
+            results: list[EvalResult] = []
+            rows = []
+            for d, ev in self.evaluators.items():
+                r = ev.run(
+                    lambda x, d=d: self.translate(x, d), folder / d, self.cfg.eval_batch_size, progress=False
+                )
+                results.append(r)
+                if r.dino_structure is not None:
+                    metrics[f"val/dino_struct_{d}"] = r.dino_structure
+                if r.fid is not None:
+                    metrics[f"val/fid_{d}"] = r.fid
+                for im in ev.inputs[: self.cfg.num_grid]:
+                    x = to_model_input(im, "unpaired")
+                    rows.append([x[0], self.translate(x, d)[0].cpu()])
+            write_report(results, folder, f"{self.name} step {self.step}")
+            if rows:
+                save_grid(rows, Path(self.cfg.output) / "eval" / f"step_{self.step:08d}.png")
+            self.rt.log(metrics, self.step)
+        self.rt.barrier()
+        return metrics
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg, rt, dev = self.cfg, self.rt, self.rt.device
+        first = self.evaluate() if self.step == 0 and cfg.eval_every else {}
+        last = dict(first)
+        bar = rt.progress(cfg.max_steps, self.step)
+        stream = batches(self.loader, self.sampler)
+        position = self.sampler.position
+        saved_at = -1
+        while self.step < cfg.max_steps:
+            micro = []
+            for _ in range(cfg.gradient_accumulation_steps):
+                position, batch = next(stream)
+                micro.append((batch["pixel_values_src"].to(dev), batch["pixel_values_tgt"].to(dev)))
+            logs = self.train_step(micro)
+            self.step += 1
+            bar.update(1)
+            if rt.is_main:
+                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
+            if self.step % cfg.log_every == 0:
+                rt.log(
+                    {f"train/{k}": v for k, v in logs.items()} | {"train/lr": self.sched_g.get_last_lr()[0]},
+                    self.step,
+                )
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                last = self.evaluate() or last
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save(position)
+                saved_at = self.step
+        bar.close()
+        if saved_at != self.step:
+            self.save(position)
+        if cfg.eval_every and self.step % cfg.eval_every != 0:
+            last = self.evaluate() or last
+        ckpt = self.export()
+        if rt.is_main:
+            save_checkpoint(ckpt, Path(cfg.output) / "model.safetensors")
+            if cfg.publish_to:
+                save_checkpoint(ckpt, Path(cfg.publish_to) / f"{self.name}.safetensors")
+        rt.barrier()
+        return TrainResult(self.step, ckpt, last, first)
+
+
+def train(cfg: UnpairedConfig, **kwargs) -> TrainResult:
+    """Run unpaired training to cfg.max_steps (from a checkpoint with cfg.resume); see module doc."""
+    cfg.validate()
+    rt = Runtime(cfg)
+    try:
+        return UnpairedTrainer(cfg, rt, **kwargs).run()
+    finally:
+        rt.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_config(argv)
+        result = train(cfg)
+    except (ValueError, OSError) as e:  # our errors subclass ValueError; say them in one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"step": result.step, "output": cfg.output, **result.metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
