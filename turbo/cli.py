@@ -28,6 +28,13 @@ USER_ERRORS = (
 )  # fmt: skip
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m turbo", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -57,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--canny-low", type=int, default=100)
     t.add_argument("--canny-high", type=int, default=200)
+    t.add_argument(
+        "--batch-size", type=_positive, default=4, help="folder input: images of one size translated together"
+    )
+    t.add_argument("--compile", action="store_true", help="torch.compile the networks (slow first image)")
+    t.add_argument(
+        "--plain", action="store_true", help="run the adapters unfolded, as the original code (slower)"
+    )
 
     c = sub.add_parser("convert", help="convert an original .pkl checkpoint to turbo's .safetensors")
     c.add_argument("input", type=Path)
@@ -82,7 +96,9 @@ def translate(args: argparse.Namespace) -> int:
     if args.gamma is not None and not 0.0 <= args.gamma <= 1.0:
         raise GammaError(f"--gamma must be in [0, 1], got {args.gamma}")
     Pipeline.resolve(args.model)  # an unknown model fails before the base loads
-    pipe = Pipeline(args.base, args.device, args.dtype, max_models=1)
+    pipe = Pipeline(
+        args.base, args.device, args.dtype, max_models=1, fast=not args.plain, compile=args.compile
+    )
     info = pipe.load(args.model)
     pipe.pick_prompt(info, args.prompt, args.direction or info.default_direction)  # fail before any work
     kwargs = dict(
@@ -95,14 +111,11 @@ def translate(args: argparse.Namespace) -> int:
             raise ImageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args.input}")
         args.output.mkdir(parents=True, exist_ok=True)
         failed = 0
-        for path in tqdm(images, desc="translating", unit="img"):
-            try:
-                result = pipe.translate(load_image(path, pipe.max_side), **kwargs)
-            except ImageError as e:
-                failed += 1
-                tqdm.write(f"skipped: {e}")
-                continue
-            result.image.save(args.output / f"{path.stem}.png")
+        window = 4 * args.batch_size  # images read at a time, grouped by size into batches
+        with tqdm(total=len(images), desc="translating", unit="img") as bar:
+            for first in range(0, len(images), window):
+                failed += _translate_window(pipe, images[first : first + window], args, kwargs)
+                bar.update(len(images[first : first + window]))
         print(
             f"wrote {len(images) - failed} images to {args.output}"
             + (f" ({failed} skipped)" if failed else "")
@@ -113,6 +126,30 @@ def translate(args: argparse.Namespace) -> int:
     result.image.save(args.output)
     print(f"wrote {args.output} ({result.seconds:.2f} s)")
     return 0
+
+
+def _translate_window(pipe: Pipeline, paths: list[Path], args: argparse.Namespace, kwargs: dict) -> int:
+    """Translate `paths` in batches, writing `<stem>.png` files; returns how many were skipped."""
+    loaded = []
+    for path in paths:
+        try:
+            loaded.append((path, load_image(path, pipe.max_side)))
+        except ImageError as e:
+            tqdm.write(f"skipped: {e}")
+    try:
+        results = pipe.translate_batch([im for _, im in loaded], batch_size=args.batch_size, **kwargs)
+    except ImageError:  # one bad image: find it by translating one at a time
+        results = []
+        for _, image in loaded:
+            try:
+                results.append(pipe.translate(image, **kwargs))
+            except ImageError as e:
+                tqdm.write(f"skipped: {e}")
+                results.append(None)
+    for (path, _), result in zip(loaded, results, strict=True):
+        if result is not None:
+            result.image.save(args.output / f"{path.stem}.png")
+    return len(paths) - sum(r is not None for r in results)
 
 
 def convert(args: argparse.Namespace) -> int:

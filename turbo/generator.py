@@ -57,6 +57,20 @@ class Generator(nn.Module):
         self.schedule = base.schedule
         self.models: dict[str, LoadedModel] = {}
         self._ids = itertools.count()
+        # Set by `turbo.fast.FastPath` while it has a model folded into the base weights.
+        self.folded = None
+
+    def unfold(self) -> None:
+        """Restore the exact base weights and peft adapters if a fast path folded them (else no-op).
+
+        Every method that changes models, trains or runs the plain (unfolded) path calls it first.
+        """
+        if self.folded is not None:
+            self.folded.restore()
+
+    def _apply(self, fn, recurse=True):
+        self.unfold()  # folded layers remember positions in the weights' storage: restore them first
+        return super()._apply(fn, recurse)
 
     # ---- names: checkpoints use the diffusers module names; adapters get short internal ids ----
     @staticmethod
@@ -83,6 +97,7 @@ class Generator(nn.Module):
     def _add(self, name, kind, stochastic, ranks, unet_targets, vae_targets, directions) -> LoadedModel:
         if name in self.models:
             raise ValueError(f"a model named {name!r} is already loaded")
+        self.unfold()
         m = LoadedModel(name, f"m{next(self._ids)}", kind, stochastic, *ranks, directions=list(directions))
         self.models[name] = m
         try:
@@ -188,9 +203,10 @@ class Generator(nn.Module):
 
     def remove_model(self, name: str) -> None:
         """Unload a model: its LoRA layers, skip convs and first conv are deleted."""
-        m = self.models.pop(name, None)
-        if m is None:
+        if name not in self.models:
             return
+        self.unfold()
+        m = self.models.pop(name)
         lora.remove_lora(self.unet, m.id)
         self.unet.conv_in.remove(m.id)
         for d in m.directions:
@@ -201,6 +217,7 @@ class Generator(nn.Module):
     # ---- training and export ----
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
         """What the paper trains: UNet/VAE LoRA, the first conv and the skip convs (made trainable)."""
+        self.unfold()
         m = self.models[name]
         params = lora.lora_parameters(self.unet, m.id) + list(self.unet.conv_in.trained[m.id].parameters())
         for d in m.directions:
@@ -217,6 +234,7 @@ class Generator(nn.Module):
 
     def export(self, name: str, **fields) -> TurboCheckpoint:
         """The model's trained tensors as a `TurboCheckpoint` (fields: prompts, input, image_prep, ...)."""
+        self.unfold()
         m = self.models[name]
 
         def unet_key(k: str) -> str:
@@ -254,8 +272,8 @@ class Generator(nn.Module):
         return ckpt
 
     # ---- the forward pass ----
-    def activate(self, name: str, direction: str = "a2b", gamma: float | torch.Tensor = 1.0) -> None:
-        """Make `name`'s adapters for `direction` the ones that run, scaled by `gamma`."""
+    def check_active(self, name: str, direction: str) -> LoadedModel:
+        """The loaded model `name`; KeyError if it is not loaded, ValueError if it lacks `direction`."""
         m = self.models.get(name)
         if m is None:
             raise KeyError(f"model {name!r} is not loaded (loaded: {', '.join(self.models) or 'none'})")
@@ -263,6 +281,12 @@ class Generator(nn.Module):
             raise ValueError(
                 f"model {name!r} has no direction {direction!r} (it has {', '.join(m.directions)})"
             )
+        return m
+
+    def activate(self, name: str, direction: str = "a2b", gamma: float | torch.Tensor = 1.0) -> None:
+        """Make `name`'s adapters for `direction` the ones that run, scaled by `gamma`."""
+        m = self.check_active(name, direction)
+        self.unfold()
         lora.activate(self.unet, m.id, gamma)
         lora.activate(self.vae, m.vae_id(direction), gamma)
         self.unet.conv_in.active, self.unet.conv_in.gamma = m.id, gamma

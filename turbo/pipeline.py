@@ -19,6 +19,7 @@ from PIL import Image
 from turbo import preprocess as pp
 from turbo.base import DEFAULT_BASE, load_base
 from turbo.checkpoint import TurboCheckpoint, load_checkpoint
+from turbo.fast import FastOptions, FastPath, bf16_is_native
 from turbo.generator import Generator
 from turbo.registry import RELEASED, UnknownModelError, checkpoint_path
 
@@ -90,6 +91,8 @@ class Pipeline:
     """A base model with a bounded, least-recently-used cache of loaded models.
 
     Thread-safe: translations run one at a time (the lock also guards loading and eviction).
+    `fast=True` (the default) runs `turbo.fast.FastPath`: the active model's adapters folded into
+    the base, the base restored exactly on a switch; `compile=True` adds torch.compile to it.
     """
 
     def __init__(
@@ -100,9 +103,16 @@ class Pipeline:
         max_models: int = 4,
         cache_dir: Path | None = None,
         max_side: int = 2048,
+        fast: bool = True,
+        compile: bool = False,
     ):
         self.base = load_base(base, device, dtype)
+        if self.base.dtype == torch.bfloat16 and not bf16_is_native(self.base.device):
+            logger.warning(
+                "bf16 asked for, but this %s has no native bf16: expect it to be slow", self.base.device
+            )
         self.generator = Generator(self.base).eval()
+        self.fast = FastPath(self.generator, FastOptions(compile=compile)) if fast else None
         self.max_models = max_models
         self.cache_dir = cache_dir
         self.max_side = max_side
@@ -198,6 +208,38 @@ class Pipeline:
             return pp.to_model_input(image, "sketch"), image
         return pp.to_model_input(image, "none"), None
 
+    def _settings(
+        self, model: str | Path, prompt: str | None, direction: str | None, gamma: float | None
+    ) -> tuple[ModelInfo, str, str, float]:
+        """Load `model` and resolve (info, direction, prompt, gamma) with the model's defaults."""
+        if gamma is not None and not 0.0 <= float(gamma) <= 1.0:
+            raise GammaError(f"gamma must be in [0, 1], got {gamma}")
+        info = self.load(model)
+        direction = direction or info.default_direction
+        if direction not in info.directions:
+            raise ValueError(
+                f"model {info.name} has no direction {direction} (it has {', '.join(info.directions)})"
+            )
+        prompt = self.pick_prompt(info, prompt, direction)
+        if gamma is None:
+            gamma = info.default_gamma if info.default_gamma is not None else 1.0
+        if info.kind == "unpaired" and gamma != 1.0:
+            raise GammaError(
+                "gamma applies to paired models only; unpaired models translate deterministically"
+            )
+        return info, direction, prompt, float(gamma)
+
+    def _run(
+        self, x: torch.Tensor, emb: torch.Tensor, key: str, direction: str, gamma: float, seed: int
+    ) -> torch.Tensor:
+        """Model inputs (B, 3, H, W) -> outputs in [-1, 1]; every image gets the same noise map."""
+        dev = self.base.device
+        noise = noise_map(seed, x.shape[2], x.shape[3]).to(dev) if gamma < 1.0 else None
+        if self.fast is not None:
+            return self.fast(x.to(dev), emb, key, direction, gamma, noise)
+        with torch.inference_mode():
+            return self.generator(x.to(dev), emb, key, direction, gamma, noise)
+
     def translate(
         self,
         image: Image.Image | str | Path,
@@ -215,36 +257,55 @@ class Pipeline:
         gamma in [0, 1] (stochastic mode, paired models; default: the model's, else deterministic);
         the noise map comes from `seed` (see `noise_map`). Returns an image of the input's size.
         """
-        if not isinstance(image, Image.Image):
-            image = pp.load_image(image, max_side=self.max_side)
-        if gamma is not None and not 0.0 <= float(gamma) <= 1.0:
-            raise GammaError(f"gamma must be in [0, 1], got {gamma}")
+        return self.translate_batch(
+            [image], model, prompt, direction, gamma, seed, canny_low, canny_high, preprocess, batch_size=1
+        )[0]
+
+    def translate_batch(
+        self,
+        images: list[Image.Image | str | Path],
+        model: str | Path,
+        prompt: str | None = None,
+        direction: str | None = None,
+        gamma: float | None = None,
+        seed: int = 42,
+        canny_low: int = 100,
+        canny_high: int = 200,
+        preprocess: str | None = None,
+        batch_size: int = 4,
+    ) -> list[Translation]:
+        """Translate several images with the same settings, as `translate` does one.
+
+        Images whose model inputs have the same size run together, up to `batch_size` (>= 1) per
+        forward; each gets the noise map of `seed`, so results equal one-by-one translation.
+        Results come in the order of `images`; `seconds` is the mean time per image.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        images = [
+            im if isinstance(im, Image.Image) else pp.load_image(im, max_side=self.max_side) for im in images
+        ]
         with self.lock:
             start = time.perf_counter()
-            info = self.load(model)
-            direction = direction or info.default_direction
-            if direction not in info.directions:
-                raise ValueError(
-                    f"model {info.name} has no direction {direction} (it has {', '.join(info.directions)})"
-                )
-            prompt = self.pick_prompt(info, prompt, direction)
-            if gamma is None:
-                gamma = info.default_gamma if info.default_gamma is not None else 1.0
-            if info.kind == "unpaired" and gamma != 1.0:
-                raise GammaError(
-                    "gamma applies to paired models only; unpaired models translate deterministically"
-                )
-            x, condition = self.prepare(image, info, canny_low, canny_high, preprocess)
-            dev = self.base.device
-            noise = noise_map(seed, x.shape[2], x.shape[3]).to(dev) if gamma < 1.0 else None
-            with torch.inference_mode():
-                out = self.generator(
-                    x.to(dev), self.prompt_embedding(prompt), info.key, direction, gamma, noise
-                )
-            result = pp.restore_size(pp.to_pil(out[0]), image.size)
-            return Translation(
-                result, time.perf_counter() - start, condition, prompt, direction, float(gamma)
-            )
+            info, direction, prompt, gamma = self._settings(model, prompt, direction, gamma)
+            prepared = [self.prepare(im, info, canny_low, canny_high, preprocess) for im in images]
+            emb = self.prompt_embedding(prompt)
+            by_size: dict[tuple[int, ...], list[int]] = {}
+            for i, (x, _) in enumerate(prepared):
+                by_size.setdefault(tuple(x.shape[2:]), []).append(i)
+            results: list[Image.Image | None] = [None] * len(images)
+            for indices in by_size.values():
+                for first in range(0, len(indices), batch_size):
+                    chunk = indices[first : first + batch_size]
+                    x = torch.cat([prepared[i][0] for i in chunk])
+                    out = self._run(x, emb, info.key, direction, gamma, seed)
+                    for row, i in zip(out, chunk, strict=True):
+                        results[i] = pp.restore_size(pp.to_pil(row), images[i].size)
+            seconds = (time.perf_counter() - start) / max(len(images), 1)
+            return [
+                Translation(result, seconds, cond, prompt, direction, gamma)
+                for result, (_, cond) in zip(results, prepared, strict=True)
+            ]
 
 
 _shared: dict[tuple, Pipeline] = {}

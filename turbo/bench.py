@@ -1,0 +1,342 @@
+"""`python -m turbo.bench`: latency and peak memory of the plain path, the fast path and each optimisation.
+
+Builds the full-size SD-Turbo architecture with random weights (no download; or `--base` a local
+diffusers folder), adds randomised models of each kind (paired, stochastic paired with a twin first
+conv, unpaired with two directions), and prints markdown tables:
+
+- per size: median per-image latency after warm-up, peak memory, the ratio to the plain path and
+  the largest pixel difference to the plain path's image, for
+  plain       what the original code does: peft LoRA unfolded, prompt encoded every call, no_grad
+  fast        our default (turbo.fast.FastPath with the prompt embedding cached)
+  +fold, +prompt cache, +channels_last, +inference_mode   each optimisation alone on top of plain
+  compiled / other dtypes, when asked (--compile, --dtypes)
+- the direction-switch time of the fast path (refold with exact restore of the base), and the
+  memory it keeps to restore the base exactly.
+
+Peak memory is the process's peak resident set on the cpu (reset before each variant through
+/proc/self/clear_refs), and torch's peak allocation on cuda.
+
+python -m turbo.bench --sizes 256 512 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import statistics
+import string
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from turbo.base import DTYPES, BaseModel, OneStepSchedule, load_base, resolve_device
+from turbo.fast import FastOptions, FastPath
+from turbo.generator import Generator
+
+# Numbers from stabilityai/sd-turbo's config files (see the architecture notes in the README).
+UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
+    norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+)  # fmt: skip
+VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu",
+    scaling_factor=0.18215, sample_size=768,
+)  # fmt: skip
+TEXT = dict(
+    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+    num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+)  # fmt: skip
+SCHEDULER = dict(
+    beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+    prediction_type="epsilon", timestep_spacing="trailing", steps_offset=1,
+)  # fmt: skip
+PROMPT = "a photo of a red house by a lake"
+
+
+def _char_tokenizer() -> CLIPTokenizer:
+    """A CLIP tokenizer over single characters: the real BPE files would need a download, and
+    tokenizing is a negligible part of a forward."""
+    chars = string.ascii_lowercase + string.digits + ".,'-"
+    tokens = ["!", *chars, *(c + "</w>" for c in chars), "<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(
+        vocab={t: i for i, t in enumerate(tokens)}, merges=[], pad_token="!", model_max_length=77
+    )
+
+
+def random_base(device: torch.device, dtype: torch.dtype) -> BaseModel:
+    """SD-Turbo's full-size networks with random weights, frozen and in eval mode."""
+    tokenizer = _char_tokenizer()
+    ids = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(**TEXT, pad_token_id=0, bos_token_id=ids[0], eos_token_id=ids[1]))
+    unet, vae = UNet2DConditionModel(**UNET), AutoencoderKL(**VAE)
+    for net in (text, unet, vae):
+        net.requires_grad_(False).eval().to(device, dtype)
+    schedule = OneStepSchedule.from_scheduler(DDPMScheduler(**SCHEDULER))
+    return BaseModel("random sd-turbo", tokenizer, text, unet, vae, schedule, device, dtype)
+
+
+def add_random_models(gen: Generator, unpaired_rank: int, seed: int = 0) -> None:
+    """One model of each kind with every trained tensor randomised (ranks of the released models)."""
+    gen.new_model("paired", "paired", rank_unet=8, rank_vae=4)
+    gen.new_model("stochastic", "paired", stochastic=True, rank_unet=8, rank_vae=4)
+    gen.new_model("unpaired", "unpaired", rank_unet=unpaired_rank, rank_vae=4)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name in gen.models:
+            for p in gen.trainable_parameters(name):
+                noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+                # LoRA B starts at zero: give it a delta of a few percent of the base weights.
+                p.add_(noise * (0.005 if p.abs().max() == 0 else 0.1 * p.float().std().nan_to_num(0.01)))
+                p.requires_grad_(False)
+
+
+# ---- measuring ----
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed memory back, so peaks start from the floor
+    except OSError:
+        pass
+
+
+def _reset_peak(device: torch.device) -> None:
+    _trim()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Row:
+    name: str
+    size: int
+    ms: float
+    peak_mb: float
+    diff: float  # largest difference to the plain image, in 1/255 units
+
+    def cells(self, plain: Row) -> list[str]:
+        return [
+            self.name,
+            f"{self.ms:,.0f}",
+            f"{self.ms / plain.ms:.2f}",
+            f"{self.peak_mb:,.0f}",
+            f"{self.diff:.3f}",
+        ]
+
+
+@dataclass
+class Variant:
+    name: str
+    options: FastOptions | None  # None: Generator.forward, as the original code runs
+    cache_prompt: bool
+    dtype: torch.dtype | None = None
+
+
+def variants(args: argparse.Namespace) -> list[Variant]:
+    off = dict(fold=False, channels_last=False, inference_mode=False)
+    out = [
+        Variant("plain (original: unfolded LoRA, text every call, fp32)", None, False),
+        Variant("fast (default)", FastOptions(), True),
+        Variant("+ fold LoRA only", FastOptions(**{**off, "fold": True}), False),
+        Variant("+ prompt cache only", None, True),
+        Variant("+ channels_last only", FastOptions(**{**off, "channels_last": True}), False),
+        Variant("+ inference_mode only", FastOptions(**{**off, "inference_mode": True}), False),
+    ]
+    if args.compile:
+        out.append(Variant("fast + torch.compile", FastOptions(compile=True), True))
+    for name in args.dtypes:
+        out.append(Variant(f"fast, {name}", FastOptions(compile=args.compile), True, DTYPES[name]))
+    return out
+
+
+def _set_format(gen: Generator, channels_last: bool) -> None:
+    gen.unfold()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for net in (gen.unet, gen.vae):
+        net.to(memory_format=fmt)
+
+
+def _runner(gen: Generator, base: BaseModel, v: Variant, model: str, gamma: float) -> Callable:
+    fast = None
+    if v.options is not None:
+        fast = FastPath(gen, v.options)
+    else:
+        _set_format(gen, False)
+    cached = base.encode_prompt(PROMPT) if v.cache_prompt else None
+
+    def run(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        emb = cached if cached is not None else base.encode_prompt(PROMPT)
+        if fast is not None:
+            return fast(x, emb, model, "a2b", gamma, noise)
+        with torch.no_grad():
+            return gen(x, emb, model, "a2b", gamma, noise)
+
+    return run
+
+
+def measure(
+    gen, base, v: Variant, size: int, args, reference: torch.Tensor | None
+) -> tuple[Row, torch.Tensor]:
+    dev = base.device
+    g = torch.Generator().manual_seed(size)
+    x = torch.rand(args.batch, 3, size, size, generator=g).to(dev)
+    noise = torch.randn(1, 4, size // 8, size // 8, generator=g).to(dev) if args.gamma < 1 else None
+    run = _runner(gen, base, v, args.model, args.gamma)
+    for _ in range(args.warmup):
+        run(x, noise)
+    _reset_peak(dev)
+    times = []
+    for _ in range(args.repeats):
+        _sync(dev)
+        start = time.perf_counter()
+        out = run(x, noise)
+        _sync(dev)
+        times.append((time.perf_counter() - start) * 1000 / args.batch)
+    peak = _peak_mb(dev)
+    out = out.float().cpu()
+    diff = 0.0 if reference is None else ((out - reference).abs().max().item() / 2 * 255)
+    return Row(v.name, size, statistics.median(times), peak, diff), out
+
+
+def switch_times(gen: Generator, args, device: torch.device) -> list[list[str]]:
+    """Median time of the fast path's refold for each kind of switch, and what it keeps for exactness."""
+    fast = FastPath(gen)
+    cases = [
+        ("paired -> unpaired a2b (UNet + VAE)", ("paired", "a2b", 1.0), ("unpaired", "a2b", 1.0)),
+        ("unpaired a2b -> b2a (VAE only)", ("unpaired", "a2b", 1.0), ("unpaired", "b2a", 1.0)),
+        ("stochastic gamma 0.4 -> 0.6 (UNet + VAE)", ("stochastic", "a2b", 0.4), ("stochastic", "a2b", 0.6)),
+    ]
+    rows = []
+    for label, start, end in tqdm(cases, desc="switches", leave=False):
+        times = []
+        for _ in range(args.switch_repeats):
+            fast.fold(*start)
+            _sync(device)
+            t = time.perf_counter()
+            fast.fold(*end)
+            _sync(device)
+            times.append((time.perf_counter() - t) * 1000)
+        kept = fast.exception_bytes() / 2**20
+        gen.unfold()  # time the plain path's switch alone, not the restore
+        plain = time.perf_counter()
+        gen.activate(*end)
+        plain = (time.perf_counter() - plain) * 1000
+        rows.append([label, f"{statistics.median(times):,.0f}", f"{kept:,.1f}", f"{plain:.1f}"])
+    gen.unfold()
+    return rows
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m turbo.bench", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--sizes", type=int, nargs="+", default=[256, 512], help="square image sizes (multiples of 8)"
+    )
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per variant (the median is reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="images per forward (latency is per image)")
+    p.add_argument("--device", default=None, help="cuda, cpu (default: the best available)")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default="fp32", help="dtype of the plain path and the fast one"
+    )
+    p.add_argument("--dtypes", choices=list(DTYPES), nargs="*", default=[], help="extra fast-path rows")
+    p.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    p.add_argument("--model", choices=["paired", "stochastic", "unpaired"], default="paired")
+    p.add_argument("--gamma", type=float, default=1.0, help="< 1 for the stochastic model")
+    p.add_argument("--only", nargs="*", help="run only the variants whose name starts with one of these")
+    p.add_argument("--switch-repeats", type=int, default=3)
+    p.add_argument("--unpaired-rank", type=int, default=128, help="UNet LoRA rank of the unpaired model")
+    p.add_argument("--base", help="a local diffusers folder instead of random full-size weights")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.model != "stochastic" and args.gamma != 1:
+        raise SystemExit("error: --gamma < 1 needs --model stochastic")
+    device = resolve_device(args.device)
+    dtype = DTYPES[args.dtype]
+    start = time.perf_counter()
+    base = load_base(args.base, device, dtype) if args.base else random_base(device, dtype)
+    gen = Generator(base).eval()
+    add_random_models(gen, args.unpaired_rank)
+    built = time.perf_counter() - start
+    every = variants(args)
+    chosen = every[:1] + [v for v in every[1:] if not args.only or v.name.startswith(tuple(args.only))]
+    rows: list[Row] = []
+    with tqdm(total=len(args.sizes) * len(chosen), desc="benchmark") as bar:
+        for size in args.sizes:
+            reference = None
+            for v in chosen:  # plain first: every other row is compared with it
+                bar.set_postfix_str(f"{size}px {v.name.split(' (')[0]}")
+                if v.dtype is not None and v.dtype != base.dtype:
+                    gen.unfold()
+                    gen.to(v.dtype)
+                    base.text_encoder.to(v.dtype)
+                    base.dtype = v.dtype
+                row, out = measure(gen, base, v, size, args, reference)
+                reference = out if reference is None else reference
+                rows.append(row)
+                bar.update()
+            if base.dtype != dtype:  # back to the main dtype for the next size
+                gen.unfold()
+                gen.to(dtype)
+                base.text_encoder.to(dtype)
+                base.dtype = dtype
+    switches = switch_times(gen, args, device)
+
+    name = (
+        torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    )
+    print(
+        f"\n{name}, torch {torch.__version__}, {args.dtype}, model {args.model}, gamma {args.gamma}, "
+        f"batch {args.batch}, median of {args.repeats} after {args.warmup} warm-up; built in {built:.0f} s\n"
+    )
+    for size in args.sizes:
+        sized = [r for r in rows if r.size == size]
+        header = [f"{size}x{size}", "ms / image", "x plain", "peak MB", "max diff (1/255)"]
+        print(table(header, [r.cells(sized[0]) for r in sized]) + "\n")
+    print(table(["switch (fast path)", "ms", "kept for exact restore, MB", "plain activate, ms"], switches))
+    if args.json:
+        args.json.write_text(json.dumps({"rows": [vars(r) for r in rows], "switches": switches}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
