@@ -195,7 +195,7 @@ def test_frechet_distance_singular_product_gets_diagonal_offset(monkeypatch):
     s = np.cov(rng.normal(size=(3, 6)), rowvar=False)  # rank 2 of 6, as with few samples
     assert abs(frechet_distance(np.zeros(6), s, np.zeros(6), s)) < 1e-6 * np.trace(s)
 
-    # When sqrtm is not finite, clean-fid retries with eps added to both diagonals.
+    # method sqrtm: when sqrtm is not finite, clean-fid retries with eps added to both diagonals.
     real_sqrtm, seen = linalg.sqrtm, []
 
     def flaky_sqrtm(m):
@@ -203,7 +203,7 @@ def test_frechet_distance_singular_product_gets_diagonal_offset(monkeypatch):
         return np.full_like(m, np.nan) if len(seen) == 1 else real_sqrtm(m)
 
     monkeypatch.setattr(fid_module.linalg, "sqrtm", flaky_sqrtm)
-    got = frechet_distance(np.zeros(6), s, np.zeros(6), s, eps=1e-3)
+    got = frechet_distance(np.zeros(6), s, np.zeros(6), s, eps=1e-3, method="sqrtm")
     offset = s + 1e-3 * np.eye(6)
     np.testing.assert_allclose(seen[1], offset @ offset)
     expected = 2 * np.trace(s) - 2 * np.trace(real_sqrtm(offset @ offset)).real

@@ -50,7 +50,8 @@ def test_released_edge_model_uses_canny_of_the_resized_input(pipe):
         out = pipe.generator(x, pipe.prompt_embedding("a house"), "edge_to_image")
     want = pp.restore_size(pp.to_pil(out[0]), img.size)
     assert result.image.size == img.size
-    assert np.array_equal(np.asarray(result.image), np.asarray(want))
+    # the pipeline runs the fast (folded) path; the plain forward agrees within 1/255
+    assert np.abs(np.asarray(result.image).astype(int) - np.asarray(want)).max() <= 1
 
 
 def test_stochastic_model_defaults_to_gamma_04_and_sketch_input(pipe):

@@ -3,94 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
-import random
-import string
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
-from tiny import _write_tokenizer, make_tiny_base
-from transformers import CLIPConfig, CLIPModel
+from PIL import Image
+from tiny import make_tiny_base
+from training_assets import (
+    die_while_saving_state,
+    flat,
+    make_shapes_dataset,
+    make_tiny_clip,
+    max_diff,
+    one_thread,  # noqa: F401 (autouse fixture)
+    run_two_processes,
+)
 
-from training import state as state_mod
 from training.config import ConfigError
 from training.paired import PairedConfig, PairedTrainer, main, train
 from training.state import CheckpointWriter, load_state, resolve_checkpoint
 from turbo.base import load_base
 from turbo.checkpoint import load_checkpoint
 from turbo.generator import Generator
-
-REPO = Path(__file__).resolve().parents[1]
-COLOURS = {"circle": (220, 40, 40), "square": (40, 60, 220), "triangle": (40, 180, 60)}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: one thread avoids OpenMP spinning (several times faster here).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _draw(draw: ImageDraw.ImageDraw, kind: str, box, **style) -> None:
-    x0, y0, x1, y1 = box
-    if kind == "circle":
-        draw.ellipse(box, **style)
-    elif kind == "square":
-        draw.rectangle(box, **style)
-    else:
-        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], **style)
-
-
-def make_shapes_dataset(
-    root: Path, n_train: int = 96, n_test: int = 8, size: int = 32, seed: int = 0
-) -> Path:
-    """Outlines of random shapes (white on black, as edge maps) -> the filled shape, coloured by kind."""
-    rng = random.Random(seed)
-    for split, count in (("train", n_train), ("test", n_test)):
-        (root / f"{split}_A").mkdir(parents=True, exist_ok=True)
-        (root / f"{split}_B").mkdir(parents=True, exist_ok=True)
-        prompts = {}
-        for i in range(count):
-            kind = rng.choice(list(COLOURS))
-            s = rng.randint(size * 3 // 8, size * 3 // 4)
-            x, y = rng.randint(0, size - s), rng.randint(0, size - s)
-            box = (x, y, x + s, y + s)
-            a = Image.new("RGB", (size, size), "black")
-            _draw(ImageDraw.Draw(a), kind, box, outline=(255, 255, 255))
-            b = Image.new("RGB", (size, size), "white")
-            _draw(ImageDraw.Draw(b), kind, box, fill=COLOURS[kind])
-            a.save(root / f"{split}_A" / f"{i:03d}.png")
-            b.save(root / f"{split}_B" / f"{i:03d}.png")
-            prompts[f"{i:03d}.png"] = f"a {kind}"
-        (root / f"{split}_prompts.json").write_text(json.dumps(prompts))
-    return root
-
-
-def make_tiny_clip(folder: Path) -> Path:
-    """A tiny random CLIPModel (32 px images) plus tokenizer, saved like a hub checkpoint."""
-    n = len(string.ascii_lowercase + string.digits + ".,'-")
-    torch.manual_seed(0)
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-            max_position_embeddings=77, pad_token_id=0, bos_token_id=2 * n + 1, eos_token_id=2 * n + 2,
-            projection_dim=16,
-        ),
-        vision_config=dict(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-            num_attention_heads=2, projection_dim=16,
-        ),
-        projection_dim=16,
-    )  # fmt: skip
-    CLIPModel(config).save_pretrained(folder)
-    _write_tokenizer(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -125,17 +59,6 @@ def argv(cfg: PairedConfig) -> list[str]:
             continue
         out += [flag] if v is True else [flag, str(v)]
     return out
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert set(a) == set(b)
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-
-
-def flat(ckpt) -> dict[str, torch.Tensor]:
-    return {f"unet.{k}": v for k, v in ckpt.unet.items()} | {
-        f"vae.{d}.{k}": v for d, sd in ckpt.vae.items() for k, v in sd.items()
-    }
 
 
 @pytest.mark.slow
@@ -189,24 +112,7 @@ def test_two_processes_end_with_identical_weights(assets, tmp_path):
         "           f'{cfg.output}/rank{t.rt.rank}.pt')\n"
     )
     cfg = config(assets, tmp_path / "ddp", max_steps=2, gradient_accumulation_steps=2, checkpoint_every=1)
-    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    port = str(29500 + os.getpid() % 1000)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        port,
-        str(worker),
-    ]
-    proc = subprocess.run(
-        [*cmd, json.dumps(vars(cfg))], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
+    r0, r1 = run_two_processes(worker, cfg, port_base=29500)
     assert r0["world"] == r1["world"] == 2
     assert max_diff(r0["gen"], r1["gen"]) == 0.0
     assert max_diff(r0["disc"], r1["disc"]) == 0.0
@@ -328,15 +234,7 @@ def test_an_interrupted_save_leaves_the_last_checkpoint_loadable(assets, tmp_pat
     trainer = PairedTrainer(
         config(assets, tmp_path / "run", max_steps=2, resume="latest", lambda_gan=0, lambda_clipsim=0)
     )
-    real_save = state_mod._torch_save
-
-    def killed(obj, path):
-        if Path(path).name == state_mod.STATE_FILE:
-            Path(path).write_bytes(b"half a file")
-            raise KeyboardInterrupt  # the process dies mid-save
-        real_save(obj, path)
-
-    monkeypatch.setattr(state_mod, "_torch_save", killed)
+    real_save = die_while_saving_state(monkeypatch)
     try:
         trainer.step = 2
         with pytest.raises(KeyboardInterrupt):
@@ -351,7 +249,7 @@ def test_an_interrupted_save_leaves_the_last_checkpoint_loadable(assets, tmp_pat
     assert state["step"] == 1 and rng is not None
     assert load_checkpoint(folder / "model.safetensors").kind == "paired"
     # the next save sweeps the stale partial folder and moves `latest`
-    monkeypatch.setattr(state_mod, "_torch_save", real_save)
+    monkeypatch.setattr("training.state._torch_save", real_save)
     writer = CheckpointWriter(tmp_path / "run", keep_last=1)
     writer.save(3, load_checkpoint(folder / "model.safetensors"), state | {"step": 3})
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003"]

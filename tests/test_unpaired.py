@@ -3,41 +3,31 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tiny import make_tiny_base
-from unpaired_assets import (
+from training_assets import (
     as_array,
     colour_stats,
+    die_while_saving_state,
     edge_correlation,
+    flat,
     make_domains_dataset,
     make_tiny_clip,
     make_tiny_dino,
+    max_diff,
+    one_thread,  # noqa: F401 (autouse fixture)
+    run_two_processes,
 )
 
-from training import state as state_mod
 from training.evaluate import Evaluator
 from training.state import load_state, resolve_checkpoint
 from training.unpaired import UnpairedConfig, UnpairedTrainer, main, train
 from turbo.checkpoint import load_checkpoint
 from turbo.pipeline import Pipeline
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two cores shared with other jobs: one thread avoids OpenMP spinning.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +52,6 @@ def config(assets, output: Path, **overrides) -> UnpairedConfig:
     )  # fmt: skip
     fields.update(overrides)
     return UnpairedConfig(**fields)
-
-
-def flat(ckpt) -> dict[str, torch.Tensor]:
-    return {f"unet.{k}": v for k, v in ckpt.unet.items()} | {
-        f"vae.{d}.{k}": v for d, sd in ckpt.vae.items() for k, v in sd.items()
-    }
-
-
-def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
-    assert set(a) == set(b)
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
 @pytest.mark.slow
@@ -127,15 +106,7 @@ def test_resume_matches_an_uninterrupted_run_and_survives_an_interrupted_save(as
     assert s_state["sched_g"]["last_epoch"] == 6 and s_state["sched_d"]["last_epoch"] == 4
     # a process killed while writing checkpoint 3 leaves checkpoint 2 loadable
     trainer = UnpairedTrainer(config(assets, tmp_path / "resumed", **common, resume="latest"))
-    real_save = state_mod._torch_save
-
-    def killed(obj, path):
-        if Path(path).name == state_mod.STATE_FILE:
-            Path(path).write_bytes(b"half a file")
-            raise KeyboardInterrupt  # the process dies mid-save
-        real_save(obj, path)
-
-    monkeypatch.setattr(state_mod, "_torch_save", killed)
+    die_while_saving_state(monkeypatch)
     try:
         trainer.step = 3
         with pytest.raises(KeyboardInterrupt):
@@ -165,20 +136,7 @@ def test_two_processes_end_with_identical_weights(assets, tmp_path):
         "torch.save({'gen': gen, 'disc': disc, 'world': t.rt.world}, f'{cfg.output}/rank{t.rt.rank}.pt')\n"
     )
     cfg = config(assets, tmp_path / "ddp", batch_size=1, max_steps=1, gradient_accumulation_steps=2)
-    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    port = str(30500 + os.getpid() % 1000)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    proc = subprocess.run(
-        [*cmd, str(worker), json.dumps(vars(cfg))],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0 = torch.load(tmp_path / "ddp" / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "ddp" / "rank1.pt", weights_only=True)
+    r0, r1 = run_two_processes(worker, cfg, port_base=30500)
     assert r0["world"] == r1["world"] == 2
     assert max_diff(r0["gen"], r1["gen"]) == 0.0
     assert max_diff(r0["disc"], r1["disc"]) == 0.0

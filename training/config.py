@@ -169,7 +169,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-eval-samples", type=int, default=d.num_eval_samples)
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     g.add_argument("--num-grid", type=int, default=d.num_grid, help="rows (input | output | target) per grid")
-    g.add_argument("--track-fid", action="store_true", help="FID of the outputs against test_B")
+    g.add_argument(
+        "--track-fid",
+        action="store_true",
+        help="FID of the outputs against the target domain's test images (unpaired: both directions)",
+    )
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument("--report-to", default=d.report_to, choices=REPORT_TO)
     g.add_argument("--tracker-project", default=d.tracker_project)

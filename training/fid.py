@@ -8,7 +8,8 @@ The original (GaParmar/img2img-turbo) calls clean-fid in mode "clean"; this modu
   filtering, clipped to [0, 255], not quantised.
 - Network input (x - 128) / 128; features are Inception-v3's 2048-d pool3 activations.
 - mu = mean of the float32 features, sigma = `np.cov(features, rowvar=False)`.
-- Fréchet distance with scipy's `sqrtm` and clean-fid's numerical fixes.
+- Fréchet distance: by default its trace term from eigenvalues, which agrees with clean-fid's scipy
+  `sqrtm` (kept as method "sqrtm", with clean-fid's numerical fixes) to ~1e-8 relative.
 
 The network: clean-fid runs NVIDIA's TorchScript export of TensorFlow's FID graph
 (inception-2015-12-05), which cannot be built with random weights. We build the same graph as module
@@ -203,21 +204,57 @@ def stats_from_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.mean(features, axis=0), np.cov(features, rowvar=False)
 
 
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr(sqrtm(sigma1 @ sigma2)) for symmetric positive semi-definite sigma1, sigma2.
+
+    sigma1 @ sigma2 is similar to the symmetric r @ sigma2 @ r with r = sqrtm(sigma1), so the trace of
+    its square root is the sum of the square roots of that matrix's eigenvalues (rounding negatives
+    to 0). Two symmetric eigendecompositions in float64 replace scipy's general Schur-based sqrtm.
+    """
+    s1 = torch.from_numpy(np.asarray(sigma1, dtype=np.float64))
+    s2 = torch.from_numpy(np.asarray(sigma2, dtype=np.float64))
+    w, v = torch.linalg.eigh((s1 + s1.T) / 2)
+    r = (v * _drop_rounding(w).sqrt()) @ v.T
+    m = r @ s2 @ r
+    return float(_drop_rounding(torch.linalg.eigvalsh((m + m.T) / 2)).sqrt().sum())
+
+
+def _drop_rounding(eigenvalues: torch.Tensor) -> torch.Tensor:
+    # Covariances of fewer samples than dimensions are singular; their zero eigenvalues come out as
+    # rounding noise of either sign (~1e-16 x the largest), whose square roots would add up.
+    floor = eigenvalues.abs().max() * eigenvalues.numel() * torch.finfo(eigenvalues.dtype).eps
+    return torch.where(eigenvalues > floor, eigenvalues, torch.zeros_like(eigenvalues))
+
+
 def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+    mu1: np.ndarray,
+    sigma1: np.ndarray,
+    mu2: np.ndarray,
+    sigma2: np.ndarray,
+    eps: float = 1e-6,
+    method: str = "eig",
 ) -> float:
     """Fréchet distance ||mu1 - mu2||^2 + Tr(s1 + s2 - 2 sqrt(s1 s2)) between two Gaussians.
 
-    If the product is singular enough that `sqrtm` is not finite, `eps` is added to both diagonals
+    method "eig" (default): the trace term from eigenvalues (`trace_sqrt_product`); same value as
+    "sqrtm" (measured: relative difference <= 3e-8 on 2048-d statistics of 100-4000 samples) and
+    several times faster on a cpu. method "sqrtm": clean-fid's computation with scipy's `sqrtm`: if
+    the product is singular enough that `sqrtm` is not finite, `eps` is added to both diagonals
     (clean-fid's fix); a small imaginary part of the root is dropped, a large one raises
-    `FrechetDistanceError`.
+    `FrechetDistanceError`. `eps` is used by "sqrtm" only.
     """
+    if method not in ("eig", "sqrtm"):
+        raise FIDInputError(f"method must be 'eig' or 'sqrtm', got {method!r}")
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape:
         raise FIDInputError(f"mean vectors differ in shape: {mu1.shape} vs {mu2.shape}")
     if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0], mu1.shape[0]):
         raise FIDInputError(f"covariances {sigma1.shape}, {sigma2.shape} do not match means {mu1.shape}")
+    if method == "eig":
+        diff = mu1.astype(np.float64) - mu2.astype(np.float64)
+        trace = np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2)
+        return float(diff.dot(diff) + trace)
     diff = mu1 - mu2
     with warnings.catch_warnings():
         # Fewer samples than dimensions make the covariances singular; that is expected here.

@@ -19,25 +19,23 @@ generator's twice, which only matters for non-constant schedules).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers.optimization import get_scheduler
 
 from training.config import CommonConfig, ConfigError, add_common_arguments, config_from_args
 from training.data import PairedDataset
 from training.frozen import build_clip_similarity, build_discriminator, build_lpips
 from training.metrics import psnr
 from training.runtime import Runtime, save_grid
-from training.sampler import Position, ResumableBatchSampler, batches
-from training.state import CheckpointWriter, ResumeError, load_state, resolve_checkpoint, set_rng_state
+from training.state import ResumeError
+from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
 from turbo.base import BaseModel, load_base
-from turbo.checkpoint import TurboCheckpoint, load_checkpoint, save_checkpoint
+from turbo.checkpoint import TurboCheckpoint, load_checkpoint
 from turbo.generator import Generator
 
 logger = logging.getLogger(__name__)
@@ -80,16 +78,6 @@ class PairedConfig(CommonConfig):
             )
 
 
-@dataclass
-class TrainResult:
-    """What a finished run returns (on every process)."""
-
-    step: int
-    checkpoint: TurboCheckpoint
-    metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
-    first_metrics: dict[str, float] = field(default_factory=dict)  # validation before training (fresh runs)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.paired", description=__doc__.split("\n\n")[0])
     add_common_arguments(p)
@@ -123,14 +111,11 @@ def parse_config(argv: list[str] | None = None) -> PairedConfig:
     return config_from_args(PairedConfig, build_parser().parse_args(argv))
 
 
-def _as_fp32(ckpt: TurboCheckpoint) -> TurboCheckpoint:
-    ckpt.unet = {k: v.float() for k, v in ckpt.unet.items()}
-    ckpt.vae = {d: {k: v.float() for k, v in sd.items()} for d, sd in ckpt.vae.items()}
-    return ckpt
+class PairedTrainer(Trainer):
+    """One training run; build it on every process, then call `run()` (the loop, checkpoints and
+    resuming are `training.trainer.Trainer`'s; the objective and validation are here)."""
 
-
-class PairedTrainer:
-    """One training run; build it on every process, then call `run()`."""
+    mismatch_hint = "other ranks or --stochastic?"
 
     def __init__(
         self,
@@ -141,12 +126,8 @@ class PairedTrainer:
     ) -> None:
         """base / networks ("disc", "clip", "lpips"): already built ones to use instead of loading
         them from cfg (benchmarks build random full-size networks in memory)."""
-        cfg.validate()
-        self.cfg = cfg
-        self.rt = rt or Runtime(cfg)
+        super().__init__(cfg, rt)
         rt, dev = self.rt, self.rt.device
-        # Same seed everywhere while building, so every process starts from identical weights.
-        rt.seed(cfg.seed, per_process=False)
         self.train_set = PairedDataset(cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed)
         self.val_set = None
         if cfg.eval_every > 0 and cfg.num_eval_samples > 0:
@@ -158,11 +139,7 @@ class PairedTrainer:
         self.gen = Generator(self.base)
         self._add_model()
         self.params = self.gen.trainable_parameters(MODEL)
-        for p in self.params:
-            p.data = p.data.float()  # trainable weights stay fp32 whatever the frozen dtype
-        if cfg.gradient_checkpointing:
-            self.gen.unet.enable_gradient_checkpointing()
-            self.gen.vae.gradient_checkpointing = True
+        self._prepare_trainable()
         nets = networks or {}
         self.disc = self.clip = None
         if cfg.lambda_gan > 0:
@@ -170,48 +147,22 @@ class PairedTrainer:
         self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev)
         if cfg.lambda_clipsim > 0:
             self.clip = nets.get("clip") or build_clip_similarity(cfg.clip_model, dev)
-
-        def adamw(params):
-            return torch.optim.AdamW(
-                params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
-                eps=cfg.adam_epsilon,
-            )  # fmt: skip
-
-        def schedule(opt):
-            return get_scheduler(
-                cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps,
-                num_training_steps=cfg.max_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
-            )  # fmt: skip
-
-        opt_g = adamw(self.params)
-        self.sched_g = schedule(opt_g)
+        opt_g = self._adamw(self.params)
+        self.sched_g = self._schedule(opt_g)
         acc = rt.accelerator
         if self.disc is not None:
-            opt_d = adamw(self.disc.trainable_parameters())
-            self.sched_d = schedule(opt_d)
+            opt_d = self._adamw(self.disc.trainable_parameters())
+            self.sched_d = self._schedule(opt_d)
             self.gen_ddp, self.disc_ddp, self.opt_g, self.opt_d = acc.prepare(
                 self.gen, self.disc, opt_g, opt_d
             )
         else:
             self.gen_ddp, self.opt_g = acc.prepare(self.gen, opt_g)
             self.disc_ddp = self.opt_d = self.sched_d = None
-        self.sampler = ResumableBatchSampler(len(self.train_set), cfg.batch_size, rt.rank, rt.world, cfg.seed)
-        # The loader draws a worker base seed each epoch; its own generator keeps that draw out of the
-        # global RNG stream, which a resumed run must replay exactly.
-        self.loader = torch.utils.data.DataLoader(
-            self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers,
-            pin_memory=dev.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
-        )  # fmt: skip
-        self.writer = CheckpointWriter(cfg.output, cfg.keep_last, rt.rank, rt.world, rt.barrier)
-        self.step = 0
-        self.name = cfg.name or Path(cfg.output).resolve().name
+        self._setup_data(self.train_set)
         self.prompt = cfg.default_prompt or self.train_set.prompts[self.train_set.names[0]]
         self.input_kind = cfg.input if cfg.input != "auto" else ("sketch" if cfg.stochastic else "canny")
-        rng = self._resume() if cfg.resume else None
-        # From here on each process draws its own noise, gamma and augmentations.
-        rt.seed(cfg.seed + 1, per_process=True)
-        if rng is not None:
-            set_rng_state(rng)
+        self._start()  # resume; from here on each process draws its own noise, gamma and augmentations
 
     # -- model -------------------------------------------------------------------------------------
 
@@ -248,73 +199,26 @@ class PairedTrainer:
         ckpt = self.gen.export(
             MODEL, prompts={"a2b": self.prompt}, input=self.input_kind, base_model=self.cfg.base
         )
-        return _as_fp32(ckpt)
+        return as_fp32(ckpt)
 
-    # -- state -------------------------------------------------------------------------------------
+    # -- state (the rest in training.trainer) ---------------------------------------------------------
 
-    def _named_trainable(self) -> dict[str, torch.nn.Parameter]:
-        ids = {id(p) for p in self.params}
-        return {n: p for n, p in self.gen.named_parameters() if id(p) in ids}
-
-    def state_dict(self, position: Position) -> dict:
-        state = {
-            "step": self.step,
-            "epoch": position.epoch,
-            "batch": position.batch,
-            "generator": {n: p.detach().cpu().clone() for n, p in self._named_trainable().items()},
-            "opt_g": self.opt_g.state_dict(),
-            "sched_g": self.sched_g.state_dict(),
-            "config": json.dumps(asdict(self.cfg)),
+    def _extra_state(self) -> dict:
+        if self.disc is None:
+            return {}
+        return {
+            "discriminator": {k: v.cpu() for k, v in self.disc.heads_state_dict().items()},
+            "opt_d": self.opt_d.state_dict(),
+            "sched_d": self.sched_d.state_dict(),
         }
-        if self.disc is not None:
-            state["discriminator"] = {k: v.cpu() for k, v in self.disc.heads_state_dict().items()}
-            state["opt_d"] = self.opt_d.state_dict()
-            state["sched_d"] = self.sched_d.state_dict()
-        scaler = self.rt.accelerator.scaler
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
-        return state
 
-    def _resume(self) -> dict | None:
-        folder = resolve_checkpoint(self.cfg.resume, self.cfg.output)
-        state, rng = load_state(folder, self.rt.rank)
-        named = self._named_trainable()
-        saved = state["generator"]
-        if set(saved) != set(named):
-            raise ResumeError(
-                f"{folder}: its generator does not match this run's model (other ranks or --stochastic?)"
-            )
-        with torch.no_grad():
-            for n, p in named.items():
-                if saved[n].shape != p.shape:
-                    raise ResumeError(
-                        f"{folder}: {n} has shape {tuple(saved[n].shape)}, this run needs {tuple(p.shape)}"
-                    )
-                p.copy_(saved[n])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.sched_g.load_state_dict(state["sched_g"])
+    def _load_extra_state(self, folder: Path, state: dict) -> None:
         if self.disc is not None:
             if "discriminator" not in state:
                 raise ResumeError(f"{folder}: saved without a discriminator (--lambda-gan 0); keep it at 0")
             self.disc.load_heads_state_dict(state["discriminator"])
             self.opt_d.load_state_dict(state["opt_d"])
             self.sched_d.load_state_dict(state["sched_d"])
-        if "scaler" in state and self.rt.accelerator.scaler is not None:
-            self.rt.accelerator.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.sampler.position = Position(int(state["epoch"]), int(state["batch"]))
-        if int(state.get("world_size", 1)) != self.rt.world:
-            logger.warning("resuming on %d process(es), saved with %d: data order and RNG streams differ",
-                           self.rt.world, state.get("world_size", 1))  # fmt: skip
-            rng = None
-        logger.info("resumed from %s at step %d", folder, self.step)
-        return rng
-
-    def save(self, position: Position) -> None:
-        model = self.export() if self.rt.is_main else None
-        self.writer.save(self.step, model, self.state_dict(position))
-        if self.rt.is_main and self.cfg.publish_to:
-            save_checkpoint(model, Path(self.cfg.publish_to) / f"{self.name}.safetensors")
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -464,7 +368,7 @@ class PairedTrainer:
         return metrics
 
     def _fid(self, folder: Path) -> float:
-        from training.metrics import FIDExtractor, cached_stats, frechet_distance
+        from training.fid import FIDExtractor, cached_stats, frechet_distance
 
         if not hasattr(self, "_fid_extractor"):
             self._fid_extractor = FIDExtractor(device=self.rt.device, progress=False)
@@ -476,68 +380,14 @@ class PairedTrainer:
         mu, sigma = self._fid_extractor.compute_stats(str(folder))
         return frechet_distance(mu, sigma, *ref)
 
-    # -- the loop ----------------------------------------------------------------------------------
-
-    def run(self) -> TrainResult:
-        cfg, rt = self.cfg, self.rt
-        first = self.evaluate() if self.step == 0 else {}
-        last = dict(first)
-        bar = rt.progress(cfg.max_steps, self.step)
-        stream = batches(self.loader, self.sampler)
-        position = self.sampler.position
-        saved_at = -1
-        while self.step < cfg.max_steps:
-            micro = []
-            for _ in range(cfg.gradient_accumulation_steps):
-                position, batch = next(stream)
-                micro.append(self._inputs(batch))
-            logs = self.train_step(micro)
-            self.step += 1
-            bar.update(1)
-            if rt.is_main:
-                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
-            if self.step % cfg.log_every == 0:
-                rt.log(
-                    {f"train/{k}": v for k, v in logs.items()} | {"train/lr": self.sched_g.get_last_lr()[0]},
-                    self.step,
-                )
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
-                last = self.evaluate() or last
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save(position)
-                saved_at = self.step
-        bar.close()
-        if saved_at != self.step:
-            self.save(position)
-        if cfg.eval_every and self.step % cfg.eval_every != 0:
-            last = self.evaluate() or last
-        ckpt = self.export()
-        if rt.is_main:
-            save_checkpoint(ckpt, Path(cfg.output) / "model.safetensors")
-        rt.barrier()
-        return TrainResult(self.step, ckpt, last, first)
-
 
 def train(cfg: PairedConfig) -> TrainResult:
     """Run paired training to cfg.max_steps (from a checkpoint with cfg.resume); see module doc."""
-    cfg.validate()
-    rt = Runtime(cfg)
-    try:
-        return PairedTrainer(cfg, rt).run()
-    finally:
-        rt.close()
+    return run_training(PairedTrainer, cfg)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = parse_config(argv)
-        result = train(cfg)
-    except (ValueError, OSError) as e:  # our errors subclass ValueError; say them in one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"step": result.step, "output": cfg.output, **result.metrics}))
-    return 0
+    return cli_main(parse_config, train, argv)
 
 
 if __name__ == "__main__":

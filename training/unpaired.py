@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers.optimization import get_scheduler
 
 from training.config import CommonConfig, ConfigError, add_common_arguments, config_from_args
 from training.data import UnpairedDataset
@@ -44,12 +42,11 @@ from training.dino_structure import DINO_HUB_ID
 from training.discriminator import CLIPDiscriminator
 from training.evaluate import EvalResult, Evaluator, build_metrics, write_report
 from training.frozen import build_discriminator, build_lpips
-from training.paired import TrainResult, _as_fp32
 from training.runtime import Runtime, save_grid
-from training.sampler import Position, ResumableBatchSampler, batches
-from training.state import CheckpointWriter, ResumeError, load_state, resolve_checkpoint, set_rng_state
+from training.state import ResumeError
+from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
 from turbo.base import BaseModel, load_base
-from turbo.checkpoint import TurboCheckpoint, save_checkpoint
+from turbo.checkpoint import TurboCheckpoint
 from turbo.generator import Generator
 from turbo.preprocess import to_model_input
 
@@ -132,8 +129,11 @@ def parse_config(argv: list[str] | None = None) -> UnpairedConfig:
     return config_from_args(UnpairedConfig, build_parser().parse_args(argv))
 
 
-class UnpairedTrainer:
-    """One training run; build it on every process, then call `run()`."""
+class UnpairedTrainer(Trainer):
+    """One training run; build it on every process, then call `run()` (the loop, checkpoints and
+    resuming are `training.trainer.Trainer`'s; the objective and validation are here)."""
+
+    mismatch_hint = "other LoRA ranks?"
 
     def __init__(
         self,
@@ -144,11 +144,8 @@ class UnpairedTrainer:
     ) -> None:
         """base / networks ("disc_a", "disc_b", "lpips"): already built ones to use instead of loading
         them from cfg (benchmarks build random full-size networks in memory)."""
-        cfg.validate()
-        self.cfg = cfg
-        self.rt = rt or Runtime(cfg)
+        super().__init__(cfg, rt)
         rt, dev = self.rt, self.rt.device
-        rt.seed(cfg.seed, per_process=False)  # identical initial weights on every process
         self.train_set = UnpairedDataset(cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed)
         self.base = base or load_base(cfg.base, device=dev, dtype=rt.frozen_dtype)
         # The captions are fixed: encode them once and free the text encoder.
@@ -164,11 +161,7 @@ class UnpairedTrainer:
         self.gen = Generator(self.base)
         self.gen.new_model(MODEL, "unpaired", rank_unet=cfg.rank_unet, rank_vae=cfg.rank_vae)
         self.params = self.gen.trainable_parameters(MODEL)
-        for p in self.params:
-            p.data = p.data.float()  # trainable weights stay fp32 whatever the frozen dtype
-        if cfg.gradient_checkpointing:
-            self.gen.unet.enable_gradient_checkpointing()
-            self.gen.vae.gradient_checkpointing = True
+        self._prepare_trainable()
         nets = networks or {}
         disc_a = nets.get("disc_a") or build_discriminator(cfg.disc_backbone, cfg.gan_loss_type, dev)
         # Both discriminators share one frozen CLIP tower (only their heads differ), stored in the
@@ -177,44 +170,21 @@ class UnpairedTrainer:
         disc_b = nets.get("disc_b") or CLIPDiscriminator(disc_a.backbone, loss_type=cfg.gan_loss_type)
         self.disc = {"a": disc_a, "b": disc_b.to(dev).train()}
         self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev)
-
-        def adamw(params):
-            return torch.optim.AdamW(
-                params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
-                eps=cfg.adam_epsilon,
-            )  # fmt: skip
-
-        def schedule(opt, updates: int):
-            return get_scheduler(
-                cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps * updates,
-                num_training_steps=cfg.max_steps * updates, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
-            )  # fmt: skip
-
-        opt_g = adamw(self.params)
-        opt_d = adamw(self.disc["a"].trainable_parameters() + self.disc["b"].trainable_parameters())
-        self.sched_g = schedule(opt_g, GEN_UPDATES_PER_STEP)
-        self.sched_d = schedule(opt_d, DISC_UPDATES_PER_STEP)
+        opt_g = self._adamw(self.params)
+        opt_d = self._adamw(self.disc["a"].trainable_parameters() + self.disc["b"].trainable_parameters())
+        self.sched_g = self._schedule(opt_g, GEN_UPDATES_PER_STEP)
+        self.sched_d = self._schedule(opt_d, DISC_UPDATES_PER_STEP)
         acc = rt.accelerator
         self.gen_ddp, disc_a, disc_b, self.opt_g, self.opt_d = acc.prepare(
             self.gen, self.disc["a"], self.disc["b"], opt_g, opt_d
         )
         self.disc_ddp = {"a": disc_a, "b": disc_b}
-        self.sampler = ResumableBatchSampler(len(self.train_set), cfg.batch_size, rt.rank, rt.world, cfg.seed)
-        self.loader = torch.utils.data.DataLoader(
-            self.train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers,
-            pin_memory=dev.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
-        )  # fmt: skip
-        self.writer = CheckpointWriter(cfg.output, cfg.keep_last, rt.rank, rt.world, rt.barrier)
-        self.step = 0
-        self.name = cfg.name or Path(cfg.output).resolve().name
+        self._setup_data(self.train_set)
         self.evaluators: dict[str, Evaluator] = {}
         if rt.is_main and cfg.eval_every > 0 and cfg.num_eval_samples > 0:
             self._build_evaluators()
         rt.barrier()
-        rng = self._resume() if cfg.resume else None
-        rt.seed(cfg.seed + 1, per_process=True)  # from here on, each process its own augmentations
-        if rng is not None:
-            set_rng_state(rng)
+        self._start()  # resume; from here on, each process its own augmentations
 
     # -- model -------------------------------------------------------------------------------------
 
@@ -224,7 +194,7 @@ class UnpairedTrainer:
             MODEL, prompts={"a2b": self.captions["b"], "b2a": self.captions["a"]},
             image_prep=self.cfg.test_image_prep, base_model=self.cfg.base,
         )  # fmt: skip
-        return _as_fp32(ckpt)
+        return as_fp32(ckpt)
 
     def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> the other domain, with the model being trained."""
@@ -233,70 +203,31 @@ class UnpairedTrainer:
                 x.to(self.rt.device), self.emb[direction], model=MODEL, direction=direction
             ).float()
 
-    # -- state -------------------------------------------------------------------------------------
+    # -- state (the rest in training.trainer) ---------------------------------------------------------
 
-    def _named_trainable(self) -> dict[str, torch.nn.Parameter]:
-        ids = {id(p) for p in self.params}
-        return {n: p for n, p in self.gen.named_parameters() if id(p) in ids}
-
-    def state_dict(self, position: Position) -> dict:
-        state = {
-            "step": self.step,
-            "epoch": position.epoch,
-            "batch": position.batch,
-            "generator": {n: p.detach().cpu().clone() for n, p in self._named_trainable().items()},
+    def _extra_state(self) -> dict:
+        return {
             "disc_a": {k: v.cpu() for k, v in self.disc["a"].heads_state_dict().items()},
             "disc_b": {k: v.cpu() for k, v in self.disc["b"].heads_state_dict().items()},
-            "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
-            "sched_g": self.sched_g.state_dict(),
             "sched_d": self.sched_d.state_dict(),
-            "config": json.dumps(asdict(self.cfg)),
         }
-        scaler = self.rt.accelerator.scaler
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
-        return state
 
-    def _resume(self) -> dict | None:
-        folder = resolve_checkpoint(self.cfg.resume, self.cfg.output)
-        state, rng = load_state(folder, self.rt.rank)
+    def _check_state(self, folder: Path, state: dict) -> None:
         if "disc_a" not in state:
             raise ResumeError(f"{folder}: not an unpaired training checkpoint")
-        named, saved = self._named_trainable(), state["generator"]
-        if set(saved) != set(named):
-            raise ResumeError(f"{folder}: its generator does not match this run's model (other LoRA ranks?)")
-        with torch.no_grad():
-            for n, p in named.items():
-                if saved[n].shape != p.shape:
-                    raise ResumeError(
-                        f"{folder}: {n} has shape {tuple(saved[n].shape)}, this run needs {tuple(p.shape)}"
-                    )
-                p.copy_(saved[n])
+
+    def _load_extra_state(self, folder: Path, state: dict) -> None:
         for d in DOMAINS:
             self.disc[d].load_heads_state_dict(state[f"disc_{d}"])
-        self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
-        self.sched_g.load_state_dict(state["sched_g"])
         self.sched_d.load_state_dict(state["sched_d"])
-        if "scaler" in state and self.rt.accelerator.scaler is not None:
-            self.rt.accelerator.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["step"])
-        self.sampler.position = Position(int(state["epoch"]), int(state["batch"]))
-        if int(state.get("world_size", 1)) != self.rt.world:
-            logger.warning("resuming on %d process(es), saved with %d: data order and RNG streams differ",
-                           self.rt.world, state.get("world_size", 1))  # fmt: skip
-            rng = None
-        logger.info("resumed from %s at step %d", folder, self.step)
-        return rng
-
-    def save(self, position: Position) -> None:
-        model = self.export() if self.rt.is_main else None
-        self.writer.save(self.step, model, self.state_dict(position))
-        if self.rt.is_main and self.cfg.publish_to:
-            save_checkpoint(model, Path(self.cfg.publish_to) / f"{self.name}.safetensors")
 
     # -- one step ----------------------------------------------------------------------------------
+
+    def _inputs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.rt.device
+        return batch["pixel_values_src"].to(dev), batch["pixel_values_tgt"].to(dev)
 
     def _g(self, x: torch.Tensor, direction: str) -> torch.Tensor:
         return self.gen_ddp(x, self.emb[direction], model=MODEL, direction=direction)
@@ -418,70 +349,14 @@ class UnpairedTrainer:
         self.rt.barrier()
         return metrics
 
-    # -- the loop ----------------------------------------------------------------------------------
-
-    def run(self) -> TrainResult:
-        cfg, rt, dev = self.cfg, self.rt, self.rt.device
-        first = self.evaluate() if self.step == 0 and cfg.eval_every else {}
-        last = dict(first)
-        bar = rt.progress(cfg.max_steps, self.step)
-        stream = batches(self.loader, self.sampler)
-        position = self.sampler.position
-        saved_at = -1
-        while self.step < cfg.max_steps:
-            micro = []
-            for _ in range(cfg.gradient_accumulation_steps):
-                position, batch = next(stream)
-                micro.append((batch["pixel_values_src"].to(dev), batch["pixel_values_tgt"].to(dev)))
-            logs = self.train_step(micro)
-            self.step += 1
-            bar.update(1)
-            if rt.is_main:
-                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
-            if self.step % cfg.log_every == 0:
-                rt.log(
-                    {f"train/{k}": v for k, v in logs.items()} | {"train/lr": self.sched_g.get_last_lr()[0]},
-                    self.step,
-                )
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
-                last = self.evaluate() or last
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                self.save(position)
-                saved_at = self.step
-        bar.close()
-        if saved_at != self.step:
-            self.save(position)
-        if cfg.eval_every and self.step % cfg.eval_every != 0:
-            last = self.evaluate() or last
-        ckpt = self.export()
-        if rt.is_main:
-            save_checkpoint(ckpt, Path(cfg.output) / "model.safetensors")
-            if cfg.publish_to:
-                save_checkpoint(ckpt, Path(cfg.publish_to) / f"{self.name}.safetensors")
-        rt.barrier()
-        return TrainResult(self.step, ckpt, last, first)
-
 
 def train(cfg: UnpairedConfig, **kwargs) -> TrainResult:
     """Run unpaired training to cfg.max_steps (from a checkpoint with cfg.resume); see module doc."""
-    cfg.validate()
-    rt = Runtime(cfg)
-    try:
-        return UnpairedTrainer(cfg, rt, **kwargs).run()
-    finally:
-        rt.close()
+    return run_training(UnpairedTrainer, cfg, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = parse_config(argv)
-        result = train(cfg)
-    except (ValueError, OSError) as e:  # our errors subclass ValueError; say them in one line
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"step": result.step, "output": cfg.output, **result.metrics}))
-    return 0
+    return cli_main(parse_config, train, argv)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,35 @@
-"""Helpers (no tests here) for the unpaired tests: synthetic colour domains and tiny random networks.
+"""Helpers (no tests here) for the training tests: synthetic datasets, tiny random networks, runs.
 
-Domain A: random shapes in warm colours on a light ground; domain B: the same kind of random shapes
-in cool colours on a dark ground. A translation A -> B must darken the ground and cool the shapes
-while keeping where the shapes are.
+Paired shapes (`make_shapes_dataset`): outlines of random shapes -> the filled shape, coloured by kind.
+Unpaired domains (`make_domains_dataset`): domain A, random shapes in warm colours on a light ground;
+domain B, the same kind of random shapes in cool colours on a dark ground. A translation A -> B must
+darken the ground and cool the shapes while keeping where the shapes are.
+
+Test modules use the autouse `one_thread` fixture by importing it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import string
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image, ImageDraw
 from tiny import _write_tokenizer
 from transformers import CLIPConfig, CLIPModel, ViTConfig, ViTModel
 
+from training import state as state_mod
+
+REPO = Path(__file__).resolve().parents[1]
+COLOURS = {"circle": (220, 40, 40), "square": (40, 60, 220), "triangle": (40, 180, 60)}
 WARM = [(220, 60, 30), (240, 150, 20), (200, 30, 90)]
 COOL = [(30, 90, 230), (20, 190, 200), (90, 60, 220)]
 GROUND = {"a": (235, 230, 215), "b": (25, 30, 45)}
@@ -50,8 +63,43 @@ def make_domains_dataset(root: Path, n_train=(48, 40), n_test=(8, 8), size: int 
     return root
 
 
+def _draw(draw: ImageDraw.ImageDraw, kind: str, box, **style) -> None:
+    x0, y0, x1, y1 = box
+    if kind == "circle":
+        draw.ellipse(box, **style)
+    elif kind == "square":
+        draw.rectangle(box, **style)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], **style)
+
+
+def make_shapes_dataset(
+    root: Path, n_train: int = 96, n_test: int = 8, size: int = 32, seed: int = 0
+) -> Path:
+    """Outlines of random shapes (white on black, as edge maps) -> the filled shape, coloured by kind."""
+    rng = random.Random(seed)
+    for split, count in (("train", n_train), ("test", n_test)):
+        (root / f"{split}_A").mkdir(parents=True, exist_ok=True)
+        (root / f"{split}_B").mkdir(parents=True, exist_ok=True)
+        prompts = {}
+        for i in range(count):
+            kind = rng.choice(list(COLOURS))
+            s = rng.randint(size * 3 // 8, size * 3 // 4)
+            x, y = rng.randint(0, size - s), rng.randint(0, size - s)
+            box = (x, y, x + s, y + s)
+            a = Image.new("RGB", (size, size), "black")
+            _draw(ImageDraw.Draw(a), kind, box, outline=(255, 255, 255))
+            b = Image.new("RGB", (size, size), "white")
+            _draw(ImageDraw.Draw(b), kind, box, fill=COLOURS[kind])
+            a.save(root / f"{split}_A" / f"{i:03d}.png")
+            b.save(root / f"{split}_B" / f"{i:03d}.png")
+            prompts[f"{i:03d}.png"] = f"a {kind}"
+        (root / f"{split}_prompts.json").write_text(json.dumps(prompts))
+    return root
+
+
 def make_tiny_clip(folder: Path, image_size: int = 32) -> Path:
-    """A tiny random CLIPModel plus tokenizer, saved like a hub checkpoint (discriminator backbone)."""
+    """A tiny random CLIPModel plus tokenizer, saved like a hub checkpoint (CLIP loss, discriminator)."""
     n = len(string.ascii_lowercase + string.digits + ".,'-")
     torch.manual_seed(0)
     config = CLIPConfig(
@@ -120,3 +168,61 @@ def edge_map(img: Image.Image) -> np.ndarray:
 def edge_correlation(a: Image.Image, b: Image.Image) -> float:
     """Pearson correlation of the two images' edge maps (1: same layout)."""
     return float(np.corrcoef(edge_map(a).ravel(), edge_map(b).ravel())[0, 1])
+
+
+# ---------------------------------------------------------------- running and comparing
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two cores shared with other jobs: one thread avoids OpenMP spinning (several times faster here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert set(a) == set(b)
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def flat(ckpt) -> dict[str, torch.Tensor]:
+    """A TurboCheckpoint's UNet and VAE tensors in one dict."""
+    return {f"unet.{k}": v for k, v in ckpt.unet.items()} | {
+        f"vae.{d}.{k}": v for d, sd in ckpt.vae.items() for k, v in sd.items()
+    }
+
+
+def die_while_saving_state(monkeypatch) -> Callable:
+    """From now on training.state dies (KeyboardInterrupt) half way through writing a state file, as a
+    killed process would; returns the real save function."""
+    real_save = state_mod._torch_save
+
+    def killed(obj, path):
+        if Path(path).name == state_mod.STATE_FILE:
+            Path(path).write_bytes(b"half a file")
+            raise KeyboardInterrupt  # the process dies mid-save
+        real_save(obj, path)
+
+    monkeypatch.setattr(state_mod, "_torch_save", killed)
+    return real_save
+
+
+def run_two_processes(worker: Path, cfg, port_base: int) -> tuple[dict, dict]:
+    """Run `worker cfg-as-json` on 2 processes (torch.distributed.run, cpu); returns what each process
+    saved to <cfg.output>/rank<N>.pt."""
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    port = str(port_base + os.getpid() % 1000)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    proc = subprocess.run(
+        [*cmd, str(worker), json.dumps(vars(cfg))],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = Path(cfg.output)
+    return tuple(torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2))

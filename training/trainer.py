@@ -1,0 +1,262 @@
+"""What the paired and unpaired trainers share: the step loop, checkpoints, resuming, the CLI shell.
+
+A trainer (`training.paired.PairedTrainer`, `training.unpaired.UnpairedTrainer`) subclasses `Trainer`
+and keeps its objective in its own module: it builds its model, networks and optimizers, then calls
+the helpers here (`_prepare_trainable`, `_adamw`, `_schedule`, `_setup_data`, `_start`) and supplies
+`export`, `_inputs`, `train_step`, `evaluate` and its part of the training state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from training.config import CommonConfig
+from training.runtime import Runtime
+from training.sampler import Position, ResumableBatchSampler, batches
+from training.state import CheckpointWriter, ResumeError, load_state, resolve_checkpoint, set_rng_state
+from turbo.checkpoint import TurboCheckpoint, save_checkpoint
+from turbo.generator import Generator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished run returns (on every process)."""
+
+    step: int
+    checkpoint: TurboCheckpoint
+    metrics: dict[str, float] = field(default_factory=dict)  # the last validation's
+    first_metrics: dict[str, float] = field(default_factory=dict)  # validation before training (fresh runs)
+
+
+def as_fp32(ckpt: TurboCheckpoint) -> TurboCheckpoint:
+    """The checkpoint with its UNet and VAE tensors made fp32 (in place; returns it)."""
+    ckpt.unet = {k: v.float() for k, v in ckpt.unet.items()}
+    ckpt.vae = {d: {k: v.float() for k, v in sd.items()} for d, sd in ckpt.vae.items()}
+    return ckpt
+
+
+class Trainer:
+    """One training run's shared machinery; see the module doc for what a subclass supplies."""
+
+    cfg: CommonConfig
+    rt: Runtime
+    gen: Generator
+    params: list[torch.nn.Parameter]
+    opt_g: torch.optim.Optimizer
+    sched_g: Any
+    # the end of the error when a checkpoint's generator does not match this run's model
+    mismatch_hint = "other LoRA ranks?"
+
+    def __init__(self, cfg: CommonConfig, rt: Runtime | None = None) -> None:
+        """Validates cfg; a subclass then builds its model and networks, and ends with `_start()`."""
+        cfg.validate()
+        self.cfg = cfg
+        self.rt = rt or Runtime(cfg)
+        # Same seed everywhere while building, so every process starts from identical weights.
+        self.rt.seed(cfg.seed, per_process=False)
+
+    # -- what a subclass supplies -----------------------------------------------------------------
+
+    def export(self) -> TurboCheckpoint:
+        raise NotImplementedError
+
+    def _inputs(self, batch: dict) -> Any:
+        """One loader batch -> one micro-batch for `train_step`."""
+        raise NotImplementedError
+
+    def train_step(self, micro: list) -> dict[str, float]:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def _extra_state(self) -> dict:
+        """The subclass's part of the training state (discriminators and their optimizers)."""
+        return {}
+
+    def _check_state(self, folder: Path, state: dict) -> None:
+        """Raise ResumeError before anything loads if `state` is not this kind of run's."""
+
+    def _load_extra_state(self, folder: Path, state: dict) -> None:
+        """Load what `_extra_state` saved."""
+
+    # -- building ---------------------------------------------------------------------------------
+
+    def _prepare_trainable(self) -> None:
+        for p in self.params:
+            p.data = p.data.float()  # trainable weights stay fp32 whatever the frozen dtype
+        if self.cfg.gradient_checkpointing:
+            self.gen.unet.enable_gradient_checkpointing()
+            self.gen.vae.gradient_checkpointing = True
+
+    def _adamw(self, params) -> torch.optim.AdamW:
+        cfg = self.cfg
+        return torch.optim.AdamW(
+            params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+            eps=cfg.adam_epsilon,
+        )  # fmt: skip
+
+    def _schedule(self, opt: torch.optim.Optimizer, updates: int = 1):
+        """The LR schedule of an optimizer stepped `updates` times per training step."""
+        cfg = self.cfg
+        return get_scheduler(
+            cfg.lr_scheduler, optimizer=opt, num_warmup_steps=cfg.lr_warmup_steps * updates,
+            num_training_steps=cfg.max_steps * updates, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
+        )  # fmt: skip
+
+    def _setup_data(self, train_set: torch.utils.data.Dataset) -> None:
+        cfg, rt = self.cfg, self.rt
+        self.sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, rt.rank, rt.world, cfg.seed)
+        # The loader draws a worker base seed each epoch; its own generator keeps that draw out of the
+        # global RNG stream, which a resumed run must replay exactly.
+        self.loader = torch.utils.data.DataLoader(
+            train_set, batch_sampler=self.sampler, num_workers=cfg.num_workers,
+            pin_memory=rt.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
+        )  # fmt: skip
+        self.writer = CheckpointWriter(cfg.output, cfg.keep_last, rt.rank, rt.world, rt.barrier)
+        self.step = 0
+        self.name = cfg.name or Path(cfg.output).resolve().name
+
+    def _start(self) -> None:
+        """Resume if asked, then seed: from here on each process draws its own noise and augmentations."""
+        rng = self._resume() if self.cfg.resume else None
+        self.rt.seed(self.cfg.seed + 1, per_process=True)
+        if rng is not None:
+            set_rng_state(rng)
+
+    # -- state ------------------------------------------------------------------------------------
+
+    def _named_trainable(self) -> dict[str, torch.nn.Parameter]:
+        ids = {id(p) for p in self.params}
+        return {n: p for n, p in self.gen.named_parameters() if id(p) in ids}
+
+    def state_dict(self, position: Position) -> dict:
+        state = {
+            "step": self.step,
+            "epoch": position.epoch,
+            "batch": position.batch,
+            "generator": {n: p.detach().cpu().clone() for n, p in self._named_trainable().items()},
+            "opt_g": self.opt_g.state_dict(),
+            "sched_g": self.sched_g.state_dict(),
+            "config": json.dumps(asdict(self.cfg)),
+        }
+        state.update(self._extra_state())
+        scaler = self.rt.accelerator.scaler
+        if scaler is not None:
+            state["scaler"] = scaler.state_dict()
+        return state
+
+    def _resume(self) -> dict | None:
+        folder = resolve_checkpoint(self.cfg.resume, self.cfg.output)
+        state, rng = load_state(folder, self.rt.rank)
+        self._check_state(folder, state)
+        named, saved = self._named_trainable(), state["generator"]
+        if set(saved) != set(named):
+            hint = self.mismatch_hint
+            raise ResumeError(f"{folder}: its generator does not match this run's model ({hint})")
+        with torch.no_grad():
+            for n, p in named.items():
+                if saved[n].shape != p.shape:
+                    raise ResumeError(
+                        f"{folder}: {n} has shape {tuple(saved[n].shape)}, this run needs {tuple(p.shape)}"
+                    )
+                p.copy_(saved[n])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.sched_g.load_state_dict(state["sched_g"])
+        self._load_extra_state(folder, state)
+        if "scaler" in state and self.rt.accelerator.scaler is not None:
+            self.rt.accelerator.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["step"])
+        self.sampler.position = Position(int(state["epoch"]), int(state["batch"]))
+        if int(state.get("world_size", 1)) != self.rt.world:
+            logger.warning("resuming on %d process(es), saved with %d: data order and RNG streams differ",
+                           self.rt.world, state.get("world_size", 1))  # fmt: skip
+            rng = None
+        logger.info("resumed from %s at step %d", folder, self.step)
+        return rng
+
+    def save(self, position: Position) -> None:
+        """Write a training checkpoint (and, on rank 0, publish the model if cfg.publish_to)."""
+        model = self.export() if self.rt.is_main else None
+        self.writer.save(self.step, model, self.state_dict(position))
+        if self.rt.is_main and self.cfg.publish_to:
+            save_checkpoint(model, Path(self.cfg.publish_to) / f"{self.name}.safetensors")
+
+    # -- the loop ---------------------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        cfg, rt = self.cfg, self.rt
+        first = self.evaluate() if self.step == 0 and cfg.eval_every else {}
+        last = dict(first)
+        bar = rt.progress(cfg.max_steps, self.step)
+        stream = batches(self.loader, self.sampler)
+        position = self.sampler.position
+        saved_at = -1
+        while self.step < cfg.max_steps:
+            micro = []
+            for _ in range(cfg.gradient_accumulation_steps):
+                position, batch = next(stream)
+                micro.append(self._inputs(batch))
+            logs = self.train_step(micro)
+            self.step += 1
+            bar.update(1)
+            if rt.is_main:
+                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
+            if self.step % cfg.log_every == 0:
+                rt.log(
+                    {f"train/{k}": v for k, v in logs.items()} | {"train/lr": self.sched_g.get_last_lr()[0]},
+                    self.step,
+                )
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                last = self.evaluate() or last
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save(position)
+                saved_at = self.step
+        bar.close()
+        if saved_at != self.step:
+            self.save(position)  # the last step is always saved, and published with it
+        if cfg.eval_every and self.step % cfg.eval_every != 0:
+            last = self.evaluate() or last
+        ckpt = self.export()
+        if rt.is_main:
+            save_checkpoint(ckpt, Path(cfg.output) / "model.safetensors")
+        rt.barrier()
+        return TrainResult(self.step, ckpt, last, first)
+
+
+def run_training(trainer: Callable[..., Trainer], cfg: CommonConfig, **kwargs) -> TrainResult:
+    """Build `trainer(cfg, rt, **kwargs)` with a fresh Runtime, run it, close the Runtime."""
+    cfg.validate()
+    rt = Runtime(cfg)
+    try:
+        return trainer(cfg, rt, **kwargs).run()
+    finally:
+        rt.close()
+
+
+def cli_main(
+    parse_config: Callable[[list[str] | None], CommonConfig],
+    train: Callable[[CommonConfig], TrainResult],
+    argv: list[str] | None,
+) -> int:
+    """A trainer's `main`: parse, train, print the result as one JSON line; exit status 2 on errors."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = parse_config(argv)
+        result = train(cfg)
+    except (ValueError, OSError) as e:  # our errors subclass ValueError; say them in one line
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"step": result.step, "output": cfg.output, **result.metrics}))
+    return 0
