@@ -28,41 +28,10 @@ sys.path.insert(0, str(REPO))
 
 def _full_base(device, dtype):
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.tiny import SCHEDULER_CONFIG, _write_tokenizer
-    from turbo.base import BaseModel, OneStepSchedule
+    from turbo.bench import random_base  # SD-Turbo's full-size architecture, random weights
 
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280),
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, use_linear_projection=True,
-        norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=32, act_fn="silu", scaling_factor=0.18215, sample_size=768,
-    )  # fmt: skip
-    text = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
-            num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
-        )
-    )  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        from transformers import CLIPTokenizer
-
-        _write_tokenizer(Path(tmp))  # a character-level tokenizer: the ids only need to exist
-        tokenizer = CLIPTokenizer.from_pretrained(tmp)
-    for net in (text, unet, vae):
-        net.requires_grad_(False).eval().to(device, dtype)
-    schedule = OneStepSchedule.from_scheduler(DDPMScheduler.from_config(SCHEDULER_CONFIG))
-    return BaseModel("random-full-size", tokenizer, text, unet, vae, schedule, torch.device(device), dtype)
+    return random_base(torch.device(device), dtype)
 
 
 def _clip_nets(size: str, device):
