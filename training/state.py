@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from turbo.checkpoint import TurboCheckpoint, save_checkpoint
+from turbo.download import fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -83,19 +84,6 @@ def set_rng_state(state: dict) -> None:
 # --- files ----------------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _torch_save(obj, path: Path) -> None:
     with open(path, "wb") as f:
         torch.save(obj, f)
@@ -110,7 +98,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_directory(path.parent)
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -162,7 +150,7 @@ class CheckpointWriter:
             _torch_save({**state, "world_size": self.world}, tmp / STATE_FILE)
         self.barrier()
         if self.rank == 0:
-            _fsync_dir(tmp)
+            fsync_directory(tmp)
             if final.exists():  # the same step saved again (a resumed run passing it once more)
                 old = self.root / f".{final.name}.old"
                 shutil.rmtree(old, ignore_errors=True)
@@ -171,7 +159,7 @@ class CheckpointWriter:
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 os.replace(tmp, final)
-            _fsync_dir(self.root)
+            fsync_directory(self.root)
             _write_text_atomic(self.root / LATEST_FILE, final.name + "\n")
             self._prune()
             logger.info("saved checkpoint %s", final)

@@ -78,7 +78,7 @@ def download(url: str, dest: Path, progress: bool = True, timeout: float = 30.0)
     except BaseException:
         part.unlink(missing_ok=True)
         raise
-    _fsync_directory(dest.parent)
+    fsync_directory(dest.parent)
     logger.info("downloaded %s to %s", url, dest)
     return dest
 
@@ -126,8 +126,8 @@ def _write(out: IO[bytes], chunk: bytes, dest: Path) -> None:
         raise DownloadError(f"cannot write the download for {dest}: {exc}") from exc
 
 
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform can open a directory.
+def fsync_directory(directory: Path) -> None:
+    """Make a rename inside `directory` durable (a no-op where folders cannot be opened)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
