@@ -71,18 +71,23 @@ def test_unfold_restores_the_base_bit_for_bit(setup):
     gen, x, noise, emb = setup
     fast = FastPath(gen)  # channels_last conversion happens here; compare after it
     before = base_weights(gen)
+    upsampler_types = {type(b.upsamplers[0]).__name__ for b in gen.vae.decoder.up_blocks if b.upsamplers}
+    assert upsampler_types == {"Upsample2D"}
     for _ in range(2):
         for case in CASES:
             fast.fold(*case)
             assert fast.folded
-            assert fast.exception_bytes() >= 0
+            assert fast.restore_bytes() > 0
+            assert all(type(b.upsamplers[0]).__name__ == "SubpixelUpsample" for b, _, _ in fast.upsamplers)
+    assert fast.upsamplers
     gen.unfold()
     assert not fast.folded
     after = base_weights(gen)
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
-    # the plain path still gives the same images (peft wrappers and conv_in are back)
+    # the plain path still gives the same images (peft wrappers, conv_in and the upsamplers are back)
     assert type(gen.unet.conv_in).__name__ == "SwitchableConvIn"
+    assert {type(b.upsamplers[0]).__name__ for b, _, _ in fast.upsamplers} == upsampler_types
 
 
 def test_folding_changes_the_base_then_a_switch_restores_it(setup):
@@ -120,7 +125,8 @@ def test_each_option_alone_matches_plain(setup):
     expected = plain(gen, x, emb, "stochastic", "a2b", 0.4, noise)
     for opts in (
         FastOptions(fold=False, channels_last=False),
-        FastOptions(fold=True, channels_last=False, inference_mode=False),
+        FastOptions(fold=True, channels_last=False, inference_mode=False, subpixel=False),
+        FastOptions(fold=True, channels_last=False, inference_mode=False, subpixel=True),
         FastOptions(fold=False, channels_last=True),
     ):
         out = FastPath(gen, opts)(x, emb, "stochastic", gamma=0.4, noise=noise)

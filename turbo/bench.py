@@ -8,7 +8,8 @@ conv, unpaired with two directions), and prints markdown tables:
   the largest pixel difference to the plain path's image, for
   plain       what the original code does: peft LoRA unfolded, prompt encoded every call, no_grad
   fast        our default (turbo.fast.FastPath with the prompt embedding cached)
-  +fold, +prompt cache, +channels_last, +inference_mode   each optimisation alone on top of plain
+  +fold, +fold +subpixel, +prompt cache, +channels_last, +inference_mode
+              each optimisation alone on top of plain (subpixel upsampling needs the fold)
   compiled / other dtypes, when asked (--compile, --dtypes)
 - the direction-switch time of the fast path (refold with exact restore of the base), and the
   memory it keeps to restore the base exactly.
@@ -164,11 +165,14 @@ class Variant:
 
 
 def variants(args: argparse.Namespace) -> list[Variant]:
-    off = dict(fold=False, channels_last=False, inference_mode=False)
+    off = dict(fold=False, channels_last=False, inference_mode=False, subpixel=False)
     out = [
         Variant("plain (original: unfolded LoRA, text every call, fp32)", None, False),
         Variant("fast (default)", FastOptions(), True),
         Variant("+ fold LoRA only", FastOptions(**{**off, "fold": True}), False),
+        Variant(
+            "+ fold + subpixel upsampling", FastOptions(**{**off, "fold": True, "subpixel": True}), False
+        ),
         Variant("+ prompt cache only", None, True),
         Variant("+ channels_last only", FastOptions(**{**off, "channels_last": True}), False),
         Variant("+ inference_mode only", FastOptions(**{**off, "inference_mode": True}), False),
@@ -247,7 +251,7 @@ def switch_times(gen: Generator, args, device: torch.device) -> list[list[str]]:
             fast.fold(*end)
             _sync(device)
             times.append((time.perf_counter() - t) * 1000)
-        kept = fast.exception_bytes() / 2**20
+        kept = fast.restore_bytes() / 2**20
         gen.unfold()  # time the plain path's switch alone, not the restore
         plain = time.perf_counter()
         gen.activate(*end)

@@ -9,17 +9,15 @@
 - the first conv (trained conv + LoRA, blended with its twin by gamma) becomes one conv, and the
   skip convs (+ LoRA, times gamma) become plain 1x1 convs; both are persistent modules whose
   weights are overwritten in place, so a compiled graph survives a switch;
+- the VAE decoder's upsamplers (nearest 2x, then a 3x3 conv) run as four 2x2 convs at the lower
+  resolution (`turbo.subpixel`): the same result with 16/36 of the multiply-adds;
 - the timestep tensor is made once; channels_last and inference mode are on; torch.compile is
   optional.
 
 Exactness of a switch. Many models share the base weights, so a switch must give the base back
-bit for bit. Folding computes `s = round(W + d)` per element; unfolding computes
-`round(s - d)`, which equals W except where the rounding of `W + d` lost low bits of W (a few
-percent of the elements: W much smaller than d, or W + d in a higher binade). Those elements'
-original values are kept, as (int32 index, value) pairs, and written back after the subtraction.
-So the base is restored exactly, with no full copy of the weights: the cost is 4 bytes plus one
-weight per exception (measured by `FastPath.exception_bytes`), for the folded model only.
-`d` is recomputed on unfold by the same code on the same tensors, hence bit-identical.
+bit for bit: `turbo.exact_fold` adds each delta in place and keeps a small record (about 0.2
+bytes per folded element with large random deltas) that makes the subtraction exact. The delta
+is recomputed on unfold by the same code from the same LoRA tensors, hence bit-identical.
 
 Training never sees this: every mutating or plain-path method of `Generator` calls
 `Generator.unfold()` first, which restores the base and the peft wrappers.
@@ -32,12 +30,14 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from diffusers.models.upsampling import Upsample2D
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from turbo import lora
+from turbo import exact_fold, lora
 from turbo.generator import Generator
 from turbo.skip_vae import SkipConvs
+from turbo.subpixel import SubpixelUpsample
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,7 @@ class FastOptions:
     fold: bool = True
     channels_last: bool = True
     inference_mode: bool = True
+    subpixel: bool = True  # the VAE decoder's upsample + conv at low resolution (needs `fold`)
     compile: bool = False
     compile_mode: str | None = None  # torch.compile's mode, e.g. "max-autotune"
 
@@ -66,21 +67,25 @@ def bf16_is_native(device: torch.device) -> bool:
     return False
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    """A 1-D view in storage order (so contiguous and channels_last weights both work)."""
-    if not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last):
-        raise FastPathError("folding needs contiguous or channels_last weights")
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
-
-
-def _delta(layer: LoraLayer, adapter: str, scale: float, like: torch.Tensor) -> torch.Tensor:
-    """The adapter's weight delta `scale * alpha / r * B @ A`, in fp32 and in `like`'s layout."""
+def _delta(layer: LoraLayer, adapter: str, scale: float, r0: int = 0, r1: int | None = None) -> torch.Tensor:
+    """Output rows [r0, r1) of the adapter's delta `scale * alpha / r * B @ A`, fp32, shape (rows, fan_in)."""
     a = layer.lora_A[adapter].weight.flatten(1).float()
-    b = layer.lora_B[adapter].weight.flatten(1).float()
-    d = (b @ a).mul_(scale * layer.lora_alpha[adapter] / layer.r[adapter])
-    out = torch.empty_like(like, dtype=torch.float32)
-    out.copy_(d.view(like.shape))
-    return out
+    b = layer.lora_B[adapter].weight[r0:r1].flatten(1).float()
+    return (b @ a).mul_(scale * layer.lora_alpha[adapter] / layer.r[adapter])
+
+
+def _delta_rows(layer: LoraLayer, adapter: str, scale: float) -> exact_fold.DeltaRows:
+    """The delta's rows flattened in the base weight's storage order (channels_last: out, kh, kw, in)."""
+    w = layer.get_base_layer().weight
+    permute = w.dim() == 4 and not w.is_contiguous()
+
+    def rows(r0: int, r1: int) -> torch.Tensor:
+        d = _delta(layer, adapter, scale, r0, r1)
+        if permute:
+            d = d.view(r1 - r0, *w.shape[1:]).permute(0, 2, 3, 1)
+        return d.reshape(-1)
+
+    return rows
 
 
 @dataclass
@@ -88,33 +93,43 @@ class _FoldedLayer:
     layer: LoraLayer
     adapter: str
     scale: float
-    index: torch.Tensor  # int32 positions (storage order) whose base value the fold loses
-    values: torch.Tensor  # their original values
+    record: exact_fold.FoldRecord
 
     def restore(self) -> None:
-        w = self.layer.get_base_layer().weight
-        flat, d = _flat(w.data), _flat(_delta(self.layer, self.adapter, self.scale, w))
-        back = torch.sub(flat.float(), d).to(w.dtype)
-        back[self.index.long()] = self.values
-        flat.copy_(back)
+        weight = self.layer.get_base_layer().weight
+        exact_fold.subtract_(weight, _delta_rows(self.layer, self.adapter, self.scale), self.record)
 
 
 def _fold_layer(layer: LoraLayer, adapter: str, scale: float) -> _FoldedLayer:
-    w = layer.get_base_layer().weight
-    flat, d = _flat(w.data), _flat(_delta(layer, adapter, scale, w))
-    folded = torch.add(flat.float(), d).to(w.dtype)
-    lost = (torch.sub(folded.float(), d).to(w.dtype) != flat).nonzero().squeeze(1)
-    kept = _FoldedLayer(layer, adapter, scale, lost.to(torch.int32), flat[lost].clone())
-    flat.copy_(folded)
-    return kept
+    weight = layer.get_base_layer().weight
+    record = exact_fold.add_(weight, _delta_rows(layer, adapter, scale))
+    return _FoldedLayer(layer, adapter, scale, record)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if isinstance(module, LoraLayer) else module
+
+
+def _plain_nearest_upsampler(up: nn.Module) -> bool:
+    """A diffusers `Upsample2D` doing nearest 2x then a 3x3 conv (what SubpixelUpsample computes)."""
+    return (
+        isinstance(up, Upsample2D)
+        and up.use_conv
+        and up.interpolate
+        and not up.use_conv_transpose
+        and up.norm is None
+        and up.name == "conv"
+        and _base(up.conv).kernel_size == (3, 3)
+        and _base(up.conv).padding == (1, 1)
+    )
 
 
 def _conv_weights(conv: nn.Module, adapter: str, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A (possibly LoRA-wrapped) conv's effective weight (fp32) and bias with the adapter at `scale`."""
-    base = conv.get_base_layer() if isinstance(conv, LoraLayer) else conv
+    base = _base(conv)
     w = base.weight.float()
     if isinstance(conv, LoraLayer) and adapter in conv.lora_A:
-        w = w + _delta(conv, adapter, scale, base.weight)
+        w = w + _delta(conv, adapter, scale).view(w.shape)
     return w, None if base.bias is None else base.bias.float()
 
 
@@ -143,6 +158,13 @@ class FastPath:
         if self.options.channels_last:
             self.conv_in.to(memory_format=torch.channels_last)
             self.skips.to(memory_format=torch.channels_last)
+        # (up block, its Upsample2D, the stand-in used while folded)
+        self.upsamplers: list[tuple[nn.Module, nn.Module, SubpixelUpsample]] = []
+        if self.options.subpixel and self.options.fold:
+            for block in vae.decoder.up_blocks:
+                for up in block.upsamplers or []:
+                    if _plain_nearest_upsampler(up):
+                        self.upsamplers.append((block, up, SubpixelUpsample(_base(up.conv))))
         self.active: tuple[str, str, float] | None = None
         self._unet_key: tuple | None = None
         self._vae_key: tuple | None = None
@@ -162,12 +184,9 @@ class FastPath:
     def folded(self) -> bool:
         return self.generator.folded is self
 
-    def exception_bytes(self) -> int:
-        """Memory held to restore the base exactly (indices and values of the lost elements)."""
-        return sum(
-            f.index.numel() * f.index.element_size() + f.values.numel() * f.values.element_size()
-            for f in self._unet_folds + self._vae_folds
-        )
+    def restore_bytes(self) -> int:
+        """Host memory held to restore the base exactly (see `turbo.exact_fold`)."""
+        return sum(f.record.nbytes for f in self._unet_folds + self._vae_folds)
 
     def _enter(self) -> None:
         """Take peft's wrappers out of the shared networks and put the fused first conv in."""
@@ -182,6 +201,8 @@ class FastPath:
                 setattr(parent, child, layer.get_base_layer())
                 self._stripped[key].append((parent, child, layer))
         self._switchable_conv_in, g.unet.conv_in = g.unet.conv_in, self.conv_in
+        for block, _, sub in self.upsamplers:
+            block.upsamplers[0] = sub
         g.folded = self
 
     def restore(self) -> None:
@@ -196,6 +217,8 @@ class FastPath:
             stripped.clear()
         if self._switchable_conv_in is not None:
             self.generator.unet.conv_in, self._switchable_conv_in = self._switchable_conv_in, None
+        for block, up, _ in self.upsamplers:
+            block.upsamplers[0] = up
         self._unet_key = self._vae_key = self.active = None
         if self.generator.folded is self:
             self.generator.folded = None
@@ -225,10 +248,12 @@ class FastPath:
                     f.restore()
                 self._vae_folds = self._fold("vae", vae_key[0], gamma)
                 self._fuse_skips(vae_key[0], gamma)
+                for _, up, sub in self.upsamplers:
+                    sub.refresh(_base(up.conv))  # the conv may have had a LoRA delta folded in
                 self._vae_key = vae_key
         self.active = (model, direction, gamma)
         logger.debug(
-            "folded %s %s gamma=%s (%d exception bytes)", model, direction, gamma, self.exception_bytes()
+            "folded %s %s gamma=%s (%d bytes kept to restore)", model, direction, gamma, self.restore_bytes()
         )
 
     def _fold(self, net: str, adapter: str, gamma: float) -> list[_FoldedLayer]:

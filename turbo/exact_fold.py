@@ -1,0 +1,124 @@
+"""Add a delta to a weight in place, and take it out again bit for bit, with a small side record.
+
+Many models share one set of base weights, so the fast path may fold a model's LoRA delta into
+them (`s = round(W + d)`) only if the base comes back exactly on a switch. Subtracting again,
+`round(s - d)`, gives W back for most elements but not all: rounding `W + d` loses low bits of W
+where `W + d` lands in a coarser binade than W, or exactly halfway between two neighbours. Those
+bits are gone from `s`, so something must be kept; the question is how little.
+
+Given only `s` and `d`, one can tell which elements are *ambiguous*: those where a neighbour of
+the canonical answer `b = round(s - d)` also folds to `s`. Only there can W differ from `b`, and
+it differs by a few units in the last place. So the record holds one int8 per ambiguous element
+(`bits(W) - bits(b)`, in storage order), and (position, value) pairs for the rare elements that
+int8 cannot fix (a sign change, or W far below d). Fold and restore compute `b` and the ambiguous
+set with the same code from the same tensors, and fold checks its own record by running the
+restore on it, so the restore is exact by construction, whatever the dtype.
+
+The cost, measured with the benchmark's random LoRA deltas (about 10% of the base weights'
+spread), is about 0.2 bytes per folded element, against 8 for keeping every lost element's
+position and value. Work goes in chunks of rows, so temporaries stay small (and in cache on the cpu).
+
+`d` must be recomputed bit-identically on restore: callers pass a function that computes rows of
+the delta from tensors that do not change while the fold is in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+# rows [r0, r1) of the delta, in fp32, flattened in the weight's storage order
+DeltaRows = Callable[[int, int], torch.Tensor]
+
+_BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+@dataclass
+class FoldRecord:
+    """What a fold keeps so that `subtract_` restores the weight exactly (in host memory)."""
+
+    codes: torch.Tensor  # int8: bits(W) - bits(round(s - d)) for each ambiguous element, in order
+    index: torch.Tensor  # int32 storage positions the codes cannot restore
+    values: torch.Tensor  # the original values there
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.index, self.values))
+
+
+def flat_storage(t: torch.Tensor) -> torch.Tensor:
+    """A 1-D view of `t` in storage order (contiguous or channels_last weights)."""
+    if not t.is_contiguous() and not t.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError("folding needs contiguous or channels_last weights")
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _chunks(weight: torch.Tensor) -> Iterator[tuple[int, int, int, int]]:
+    """(r0, r1, start, stop): row ranges and their element ranges in storage order.
+
+    The first dimension is outermost in both contiguous and channels_last layouts, so a range of
+    rows is a contiguous range of storage."""
+    rows = weight.shape[0]
+    per_row = weight.numel() // rows
+    # small chunks keep the temporaries in the cpu's cache; a GPU prefers few large kernels
+    target = 1 << 18 if weight.device.type == "cpu" else 1 << 24
+    step = max(1, target // per_row)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        yield r0, r1, r0 * per_row, r1 * per_row
+
+
+def _decode(s: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The canonical preimage `round(s - d)` and the mask of elements whose preimage is not unique."""
+    dtype, bits_dtype = s.dtype, _BITS[s.dtype]
+    back = (s.float() - d).to(dtype)
+    bits = back.view(bits_dtype)
+    ambiguous = torch.zeros_like(s, dtype=torch.bool)
+    for step in (1, -1):  # the two neighbours of `back` in the same sign's bit order
+        neighbour = (bits + step).view(dtype)
+        ambiguous |= (neighbour.float() + d).to(dtype) == s
+    return back, ambiguous
+
+
+def _apply(back: torch.Tensor, positions: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    bits = back.view(_BITS[back.dtype])
+    bits.index_add_(0, positions, codes.to(bits.device, bits.dtype))
+    return back
+
+
+def add_(weight: torch.Tensor, delta_rows: DeltaRows) -> FoldRecord:
+    """`weight += delta` in place (rounded to the weight's dtype); returns what restores it exactly."""
+    if weight.dtype not in _BITS:
+        raise ValueError(f"cannot fold into {weight.dtype} weights")
+    flat, bits_dtype = flat_storage(weight.data), _BITS[weight.dtype]
+    codes, index, values = [], [], []
+    for r0, r1, start, stop in _chunks(weight):
+        w, d = flat[start:stop], delta_rows(r0, r1)
+        s = (w.float() + d).to(w.dtype)
+        back, ambiguous = _decode(s, d)
+        positions = ambiguous.nonzero().squeeze(1)
+        diff = w.view(bits_dtype)[positions].int() - back.view(bits_dtype)[positions].int()
+        code = torch.where(diff.abs() <= 127, diff, 0).to(torch.int8)
+        lost = (_apply(back, positions, code).view(bits_dtype) != w.view(bits_dtype)).nonzero().squeeze(1)
+        codes.append(code.cpu())
+        index.append((lost + start).to(torch.int32).cpu())
+        values.append(w[lost].cpu())
+        w.copy_(s)
+    return FoldRecord(torch.cat(codes), torch.cat(index), torch.cat(values))
+
+
+def subtract_(weight: torch.Tensor, delta_rows: DeltaRows, record: FoldRecord) -> None:
+    """Undo `add_` exactly: `weight` gets back the bits it had before."""
+    flat, used = flat_storage(weight.data), 0
+    for r0, r1, start, stop in _chunks(weight):
+        s = flat[start:stop]
+        back, ambiguous = _decode(s, delta_rows(r0, r1))
+        positions = ambiguous.nonzero().squeeze(1)
+        n = positions.numel()
+        s.copy_(_apply(back, positions, record.codes[used : used + n]))
+        used += n
+    if used != record.codes.numel():
+        raise RuntimeError("fold record does not match the weight (changed while folded?)")
+    flat[record.index.to(flat.device).long()] = record.values.to(flat.device)
