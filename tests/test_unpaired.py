@@ -65,7 +65,8 @@ def config(assets, output: Path, **overrides) -> UnpairedConfig:
 # (docs/training.md lists them; the layout appears between steps 15 and 30, depending on the seed).
 LEARNING = dict(max_steps=40, batch_size=2, lr=5e-3, lambda_cycle=10, lambda_idt=5, lambda_gan=0.25)
 # Seeds (the trainer's and the synthetic dataset's) of the learning tests; one by default to keep the
-# suite short, more on demand: TURBO_LEARNING_SEEDS=0,1,2 pytest -s -k translat (~40 s per run and test).
+# file short (3 min 40 s here), more on demand (about 65 s per fp32 run, 80 s per bf16 run on 2 cores):
+# TURBO_LEARNING_SEEDS=0,1,2 pytest -s -k "moves or bf16_translates" tests/test_unpaired.py
 SEEDS = [int(s) for s in os.environ.get("TURBO_LEARNING_SEEDS", "0").split(",")]
 
 
@@ -118,8 +119,11 @@ def test_a2b_moves_to_domain_b_colours_and_keeps_the_layout(assets, tmp_path, se
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", SEEDS)
 def test_bf16_translates_as_fp32_does(assets, tmp_path, seed):
-    # bf16 autocast with the frozen base in bf16 too (--frozen-dtype auto), the smallest-memory setting
-    assert_translates(learning_run(assets, tmp_path, seed, mixed_precision="bf16"))
+    # bf16 autocast with the frozen base in bf16 too (--frozen-dtype auto), the smallest-memory setting.
+    # 30 steps, not 40: bf16 convolutions take a slow path on this cpu (2.5 s a step against 1.5 s).
+    # Seeds 0-5 at 30 steps: 0, 1, 2 and 4 pass; 3 learns the layout late and 5 misses the colours
+    # (docs/training.md has the figures, and why that is no bf16 defect).
+    assert_translates(learning_run(assets, tmp_path, seed, mixed_precision="bf16", max_steps=30))
 
 
 def test_resume_matches_an_uninterrupted_run_and_survives_an_interrupted_save(assets, tmp_path, monkeypatch):
