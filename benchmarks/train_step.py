@@ -21,7 +21,12 @@ rounding and fragmentation, cuDNN workspaces) is not in it. Autograd cannot run 
 without a GPU, so the fake step runs on the cpu, with CUDA autocast's fp32 ops emulated (see
 `_cuda_autocast_policy`). For the tiny size the same step also runs on real tensors, as a check of
 the accounting (it gives the same bytes); `--real` does that for every size, on the GPU if there is
-one, where it also reports `torch.cuda.max_memory_allocated()`: the check of the estimate.
+one, where it also reports torch's peaks (max allocated and reserved over both steps) and the time
+of the second step: the check of the estimate. `--cap-gib 22` makes torch's allocator refuse more
+than 22 GiB, so a step that would not fit a 24 GB card fails with an out-of-memory error.
+
+    python benchmarks/train_step.py --unpaired-memory --real --real-only --sizes full --resolution 512 \
+        --cap-gib 22
 """
 
 from __future__ import annotations
@@ -51,6 +56,13 @@ def _full_base(device, dtype):
     return random_base(torch.device(device), dtype)
 
 
+# The discriminator's CLIP vision tower in the "tiny" cases (the "full" ones use ViT-B/32).
+TINY_VISION = dict(
+    image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+    num_attention_heads=2, projection_dim=16,
+)  # fmt: skip
+
+
 def _clip_nets(size: str, device):
     from transformers import CLIPConfig, CLIPModel, CLIPVisionModelWithProjection
 
@@ -63,8 +75,7 @@ def _clip_nets(size: str, device):
         config = CLIPConfig(
             text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                              num_attention_heads=2, projection_dim=16),
-            vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
-                               num_hidden_layers=3, num_attention_heads=2, projection_dim=16),
+            vision_config=TINY_VISION,
             projection_dim=16,
         )  # fmt: skip
     clip = CLIPModel(config)
@@ -279,20 +290,25 @@ def _networks(size: str, device, dtype):
             net.requires_grad_(False).eval().to(device, dtype)
         schedule = OneStepSchedule.from_scheduler(DDPMScheduler(**SCHEDULER))
         base = BaseModel("tiny", _char_tokenizer(), *nets, schedule, torch.device(device), dtype)
-        vision = CLIPConfig(vision_config=dict(
-            image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-            num_attention_heads=2, projection_dim=16,
-        )).vision_config  # fmt: skip
+        vision = CLIPConfig(vision_config=TINY_VISION).vision_config
     disc = CLIPDiscriminator(CLIPVisionModelWithProjection(vision)).to(device).train()
     disc.requires_grad_heads(True)
     return base, {"disc_a": disc, "lpips": LPIPSLoss(pretrained_trunk=False).to(device)}
 
 
-def unpaired_memory(size: str, resolution: int, batch: int, fake: bool, frozen_dtype: str = "auto") -> dict:
+def unpaired_memory(
+    size: str,
+    resolution: int,
+    batch: int,
+    fake: bool,
+    frozen_dtype: str = "auto",
+    cap_gib: float | None = None,
+) -> dict:
     """Tensor bytes of two unpaired training steps (bf16 autocast, frozen weights in `frozen_dtype`, auto
     = bf16, gradient checkpointing): the weights, the optimizer states, and the peak of each phase of
     the second step.
-    Fake tensors run on the cpu; real ones on the GPU if there is one (then torch's own peak is added)."""
+    Fake tensors run on the cpu; real ones on the GPU if there is one (then torch's own peaks over both
+    steps are added, and `cap_gib` limits what torch's allocator may take, as a smaller card would)."""
     import torch
     from PIL import Image
 
@@ -301,6 +317,9 @@ def unpaired_memory(size: str, resolution: int, batch: int, fake: bool, frozen_d
 
     TensorMemory, _ = _memory_tools()
     on_gpu = not fake and torch.cuda.is_available()
+    if on_gpu and cap_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GIB / total))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for domain in "AB":
@@ -341,8 +360,12 @@ def unpaired_memory(size: str, resolution: int, batch: int, fake: bool, frozen_d
                 phases.clear()
                 mem.peak = mem.current
                 if on_gpu:
-                    torch.cuda.reset_peak_memory_stats()
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
                 trainer.train_step([(a, b)])
+                if on_gpu:
+                    torch.cuda.synchronize()
+                step_s = time.perf_counter() - start
             phases.append(mem.peak)  # the discriminator phase
         rt.close()
     return {
@@ -352,6 +375,8 @@ def unpaired_memory(size: str, resolution: int, batch: int, fake: bool, frozen_d
         "optimizer_gib": (after_first - weights) / GIB, "phases_gib": [p / GIB for p in phases],
         "peak_gib": max(phases) / GIB,
         "cuda_max_allocated_gib": torch.cuda.max_memory_allocated() / GIB if on_gpu else None,
+        "cuda_max_reserved_gib": torch.cuda.max_memory_reserved() / GIB if on_gpu else None,
+        "cap_gib": cap_gib if on_gpu else None, "step_s": step_s,
     }  # fmt: skip
 
 
@@ -362,27 +387,35 @@ def print_unpaired_memory(args: argparse.Namespace) -> None:
     for size in args.sizes:
         res = args.resolution if size == "full" else args.tiny_resolution
         # real tensors too for the tiny size: a check that the fake run counts the same bytes
-        for fake in (True, False) if size == "tiny" or args.real else (True,):
+        kinds = (True, False) if size == "tiny" or args.real else (True,)
+        for fake in kinds[1:] if args.real_only else kinds:
             case = dict(
-                size=size, resolution=res, batch=args.batch, fake=fake, frozen_dtype=args.frozen_dtype
-            )
+                size=size, resolution=res, batch=args.batch, fake=fake, frozen_dtype=args.frozen_dtype,
+                cap_gib=args.cap_gib,
+            )  # fmt: skip
             r = _one_process(case, "--one-memory")
             row = f"| {size} | {res} | {args.batch} | "
             if "error" in r:
                 print(row + f"{args.frozen_dtype} | fake={fake} | failed: {r['error']} |")
                 continue
             phases = " / ".join(f"{p:.3f}" for p in r["phases_gib"])
-            cuda = r["cuda_max_allocated_gib"]
-            peak = f"{r['peak_gib']:.3f}" + (f" (cuda max allocated {cuda:.3f})" if cuda is not None else "")
+            peak = f"{r['peak_gib']:.3f}"
+            if r["cuda_max_allocated_gib"] is not None:
+                cap = f", allocator capped at {r['cap_gib']} GiB" if r["cap_gib"] else ""
+                peak += (
+                    f" (cuda, both steps: max allocated {r['cuda_max_allocated_gib']:.3f}, max reserved "
+                    f"{r['cuda_max_reserved_gib']:.3f}{cap}; step {r['step_s']:.2f} s)"
+                )
             row += f"{r['frozen']} | {r['tensors']} | {r['weights_gib']:.3f} ({r['trainable_gib']:.3f}) | "
             print(row + f"{r['optimizer_gib']:.3f} | {phases} | {peak} |", flush=True)
 
 
 def _one_process(case: dict, flag: str) -> dict:
     """Run one case in a fresh process (peaks and fake-tensor state per process); its RESULT line."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, __file__, flag, json.dumps(case)], capture_output=True, text=True,
-        env=os.environ | {"PYTHONPATH": str(REPO)},
+        env=os.environ | {"PYTHONPATH": path},
     )  # fmt: skip
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -407,6 +440,11 @@ def main() -> None:
     p.add_argument(
         "--real", action="store_true",
         help="with --unpaired-memory: every size on real tensors too (on a GPU: the check of the estimate)",
+    )  # fmt: skip
+    p.add_argument("--real-only", action="store_true", help="with --real: skip the fake-tensor estimate")
+    p.add_argument(
+        "--cap-gib", type=float, default=None,
+        help="with --real on a GPU: let torch's allocator take at most this much, as a smaller card would",
     )  # fmt: skip
     p.add_argument("--frozen-dtype", default="auto", choices=["auto", "fp32"], help="with --unpaired-memory")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)

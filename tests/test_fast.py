@@ -16,10 +16,20 @@ CASES = [("paired", "a2b", 1.0), ("stochastic", "a2b", 0.4), ("stochastic", "a2b
          ("stochastic", "a2b", 1.0), ("unpaired", "a2b", 1.0), ("unpaired", "b2a", 1.0)]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_base_dir, tmp_path_factory):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module", params=["cpu", pytest.param("cuda", marks=CUDA)])
+def setup(request, tiny_base_dir, tmp_path_factory):
+    """(generator with one model of each kind, x, noise, text embeddings), on the cpu and on CUDA
+    (fp32 without TF32 there, so that 1/255 means the same)."""
+    device = request.param
+    if device == "cuda":
+        tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        request.addfinalizer(lambda: _set_tf32(*tf32))
     folder = str(tiny_base_dir)
-    base = load_base(folder, device="cpu")
+    base = load_base(folder, device=device, dtype="fp32")  # CUDA's default would be fp16
     gen = Generator(base).eval()
     tmp = tmp_path_factory.mktemp("fast_ckpts")
     refs = {
@@ -31,10 +41,14 @@ def setup(tiny_base_dir, tmp_path_factory):
         ref.save_pkl(tmp / f"{name}.pkl")
         gen.add_checkpoint(name, load_checkpoint(tmp / f"{name}.pkl"))
     torch.manual_seed(0)
-    x = torch.rand(2, 3, 32, 48)
-    noise = torch.randn(2, 4, 4, 6)
+    x = torch.rand(2, 3, 32, 48).to(device)
+    noise = torch.randn(2, 4, 4, 6).to(device)
     emb = base.encode_prompt(["a blue bird", "a red house"])
     return gen, x, noise, emb
+
+
+def _set_tf32(cudnn: bool, matmul: bool) -> None:
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
 
 
 def plain(gen, x, emb, name, direction, gamma, noise):
@@ -51,14 +65,18 @@ def max_pixel_diff(a, b):
     return ((a - b).abs() / 2).max().item()
 
 
-def test_fast_equals_plain_for_every_kind_gamma_and_switch(setup):
+RESTORES = ["record", "copy"]
+
+
+@pytest.mark.parametrize("restore", RESTORES)
+def test_fast_equals_plain_for_every_kind_gamma_and_switch(setup, restore):
     gen, x, noise, emb = setup
     expected = {case: plain(gen, x, emb, *case, noise) for case in CASES}
     distinct = [expected[c] for c in CASES if c[2] < 1 or c[0] != "stochastic"]
     for i in range(len(distinct)):  # the cases really differ, so the comparison means something
         assert distinct[i].std() > 0.1
         assert all(max_pixel_diff(distinct[i], distinct[j]) > 10 * PIXEL for j in range(i))
-    fast = FastPath(gen)
+    fast = FastPath(gen, FastOptions(restore=restore))
     # every case, then back to earlier ones after switching model, direction and gamma
     for case in CASES + [CASES[1], CASES[0], CASES[4]]:
         out = fast(x, emb, *case, noise if case[2] < 1 else None)
@@ -67,9 +85,10 @@ def test_fast_equals_plain_for_every_kind_gamma_and_switch(setup):
     gen.unfold()
 
 
-def test_unfold_restores_the_base_bit_for_bit(setup):
+@pytest.mark.parametrize("restore", RESTORES)
+def test_unfold_restores_the_base_bit_for_bit(setup, restore):
     gen, x, noise, emb = setup
-    fast = FastPath(gen)  # channels_last conversion happens here; compare after it
+    fast = FastPath(gen, FastOptions(restore=restore))  # channels_last happens here; compare after it
     before = base_weights(gen)
     upsampler_types = {type(b.upsamplers[0]).__name__ for b in gen.vae.decoder.up_blocks if b.upsamplers}
     assert upsampler_types == {"Upsample2D"}
@@ -90,10 +109,11 @@ def test_unfold_restores_the_base_bit_for_bit(setup):
     assert {type(b.upsamplers[0]).__name__ for b, _, _ in fast.upsamplers} == upsampler_types
 
 
-def test_folding_changes_the_base_then_a_switch_restores_it(setup):
+@pytest.mark.parametrize("restore", RESTORES)
+def test_folding_changes_the_base_then_a_switch_restores_it(setup, restore):
     gen, x, noise, emb = setup
     gen.unfold()
-    fast = FastPath(gen)
+    fast = FastPath(gen, FastOptions(restore=restore))
     before = base_weights(gen)
     fast.fold("paired")
     some = next(n for n, _ in gen.unet.named_modules() if n.endswith("attn1.to_q"))
@@ -103,6 +123,38 @@ def test_folding_changes_the_base_then_a_switch_restores_it(setup):
     fast.fold("paired")
     gen.unfold()
     assert torch.equal(gen.unet.get_submodule(some).base_layer.weight, before[f"{some}.base_layer.weight"])
+
+
+def test_restore_by_copy_follows_edits_of_the_base(setup):
+    """A base weight edited in place between folds (a new dtype, a loaded state) must not come back
+    from a stale copy."""
+    gen, x, noise, emb = setup
+    gen.unfold()
+    fast = FastPath(gen, FastOptions(restore="copy"))
+    name = next(n for n, _ in gen.unet.named_modules() if n.endswith("attn1.to_q"))
+    weight = gen.unet.get_submodule(name).base_layer.weight
+    fast.fold("paired")
+    kept = fast.restore_bytes()
+    assert kept > 0
+    gen.unfold()
+    with torch.no_grad():
+        weight.mul_(0.5)  # the user's edit, while unfolded
+    edited = weight.clone()
+    fast.fold("paired")
+    assert not torch.equal(weight, edited)
+    gen.unfold()
+    assert torch.equal(weight, edited)
+    assert fast.restore_bytes() == kept  # the stale copy was replaced, not added
+    with torch.no_grad():
+        weight.mul_(2.0)  # undo, for the other tests (exact: a power of two)
+
+
+def test_restore_mode_is_checked():
+    assert FastOptions().restore_mode(torch.device("cpu")) == "record"
+    assert FastOptions().restore_mode(torch.device("cuda")) == "copy"
+    assert FastOptions(restore="copy").restore_mode(torch.device("cpu")) == "copy"
+    with pytest.raises(ValueError, match="restore must be"):
+        FastOptions(restore="backup").restore_mode(torch.device("cpu"))
 
 
 def test_plain_and_training_paths_unfold_first(setup):
@@ -131,6 +183,32 @@ def test_each_option_alone_matches_plain(setup):
     ):
         out = FastPath(gen, opts)(x, emb, "stochastic", gamma=0.4, noise=noise)
         assert max_pixel_diff(out, expected) < PIXEL, opts
+    gen.unfold()
+
+
+def test_cuda_graphs_replay_what_eager_computes(setup):
+    """One graph per input shape serves every model, direction and gamma; an unfold (here: the
+    plain path) drops the graphs, and the next call captures again."""
+    gen, x, noise, emb = setup
+    if x.device.type != "cuda":
+        pytest.skip("CUDA graphs are for CUDA")
+    gen.unfold()
+    eager = FastPath(gen, FastOptions(cuda_graph=False))
+    expected = {case: eager(x, emb, *case, noise if case[2] < 1 else None) for case in CASES}
+    gen.unfold()
+    fast = FastPath(gen)
+    for case in CASES + [CASES[0], CASES[2], CASES[5]]:
+        out = fast(x, emb, *case, noise if case[2] < 1 else None)
+        assert max_pixel_diff(out, expected[case]) < PIXEL, case
+    assert len(fast._graphs.graphs) == 2  # with and without the noise input
+    small = fast(x[:1, :, :, :32], emb[:1], "paired")
+    assert small.shape == (1, 3, 32, 32)
+    assert len(fast._graphs.graphs) == 3
+    plain(gen, x, emb, "paired", "a2b", 1.0, None)  # unfolds
+    assert len(fast._graphs.graphs) == 3  # cleared on the next fold, not before
+    out = fast(x, emb, *CASES[1], noise)
+    assert len(fast._graphs.graphs) == 1
+    assert max_pixel_diff(out, expected[CASES[1]]) < PIXEL
     gen.unfold()
 
 

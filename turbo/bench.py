@@ -10,9 +10,12 @@ conv, unpaired with two directions), and prints markdown tables:
   fast        our default (turbo.fast.FastPath with the prompt embedding cached)
   +fold, +fold +subpixel, +prompt cache, +channels_last, +inference_mode
               each optimisation alone on top of plain (subpixel upsampling needs the fold)
-  compiled / other dtypes, when asked (--compile, --dtypes)
+  compiled / other dtypes (plain and fast in each), when asked (--compile, --dtypes); on CUDA,
+              fp32 runs without TF32 unless --tf32
 - the direction-switch time of the fast path (refold with exact restore of the base), and the
-  memory it keeps to restore the base exactly.
+  memory it keeps to restore the base exactly;
+- with --compile, the first image after each kind of switch on the compiled path, and the graphs it
+  compiled (none expected: switches write the weights in place).
 
 Peak memory is the process's peak resident set on the cpu (reset before each variant through
 /proc/self/clear_refs), and torch's peak allocation on cuda.
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import itertools
 import json
 import statistics
 import string
@@ -83,8 +87,9 @@ def random_base(device: torch.device, dtype: torch.dtype) -> BaseModel:
     tokenizer = _char_tokenizer()
     ids = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
     torch.manual_seed(0)
-    text = CLIPTextModel(CLIPTextConfig(**TEXT, pad_token_id=0, bos_token_id=ids[0], eos_token_id=ids[1]))
-    unet, vae = UNet2DConditionModel(**UNET), AutoencoderKL(**VAE)
+    with torch.device(device):  # initialised where they run: a GPU draws 1.3 B random weights in no time
+        text = CLIPTextModel(CLIPTextConfig(**TEXT, pad_token_id=0, bos_token_id=ids[0], eos_token_id=ids[1]))
+        unet, vae = UNet2DConditionModel(**UNET), AutoencoderKL(**VAE)
     for net in (text, unet, vae):
         net.requires_grad_(False).eval().to(device, dtype)
     schedule = OneStepSchedule.from_scheduler(DDPMScheduler(**SCHEDULER))
@@ -167,7 +172,7 @@ class Variant:
 def variants(args: argparse.Namespace) -> list[Variant]:
     off = dict(fold=False, channels_last=False, inference_mode=False, subpixel=False)
     out = [
-        Variant("plain (original: unfolded LoRA, text every call, fp32)", None, False),
+        Variant(f"plain (original: unfolded LoRA, text every call, {args.dtype})", None, False),
         Variant("fast (default)", FastOptions(), True),
         Variant("+ fold LoRA only", FastOptions(**{**off, "fold": True}), False),
         Variant(
@@ -179,7 +184,8 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     ]
     if args.compile:
         out.append(Variant("fast + torch.compile", FastOptions(compile=True), True))
-    for name in args.dtypes:
+    for name in args.dtypes:  # the plain path in that dtype too: its difference is the dtype's own
+        out.append(Variant(f"plain, {name}", None, False, DTYPES[name]))
         out.append(Variant(f"fast, {name}", FastOptions(compile=args.compile), True, DTYPES[name]))
     return out
 
@@ -261,6 +267,50 @@ def switch_times(gen: Generator, args, device: torch.device) -> list[list[str]]:
     return rows
 
 
+def compiled_switches(gen: Generator, base: BaseModel, size: int, device: torch.device) -> list[list[str]]:
+    """The first image after each kind of switch on a compiled fast path, and how many graphs it
+    compiled: folding writes the weights in place, so a switch should compile nothing."""
+    from torch._dynamo.utils import counters
+
+    fast = FastPath(gen, FastOptions(compile=True))
+    emb = base.encode_prompt(PROMPT)
+    g = torch.Generator().manual_seed(size)
+    x = torch.rand(1, 3, size, size, generator=g).to(device)
+    noise = torch.randn(1, 4, size // 8, size // 8, generator=g).to(device)
+    order = [
+        ("paired", "a2b", 1.0), ("unpaired", "a2b", 1.0), ("unpaired", "b2a", 1.0),
+        ("stochastic", "a2b", 0.4), ("stochastic", "a2b", 0.6), ("paired", "a2b", 1.0),
+    ]  # fmt: skip
+    fast(x, emb, *order[0])  # compiles
+    rows = []
+    for before, after in itertools.pairwise(order):
+        graphs = counters["stats"]["unique_graphs"]
+        _sync(device)
+        start = time.perf_counter()
+        fast(x, emb, *after, noise if after[2] < 1 else None)
+        _sync(device)
+        ms = (time.perf_counter() - start) * 1000
+        label = f"{before[0]} {before[1]} {before[2]} -> {after[0]} {after[1]} {after[2]}"
+        rows.append([label, f"{ms:,.1f}", str(counters["stats"]["unique_graphs"] - graphs)])
+    gen.unfold()
+    return rows
+
+
+def profile_switch(gen: Generator, device: torch.device, path: Path) -> None:
+    """torch.profiler's table (by self cpu time) of one paired -> unpaired switch, written to `path`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fast = FastPath(gen)
+    fast.fold("paired")
+    _sync(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        fast.fold("unpaired", "a2b")
+        _sync(device)
+    gen.unfold()
+    path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -280,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dtypes", choices=list(DTYPES), nargs="*", default=[], help="extra fast-path rows")
     p.add_argument("--compile", action="store_true", help="add a torch.compile row")
+    p.add_argument(
+        "--tf32", action="store_true",
+        help="let CUDA fp32 convs and matmuls use TF32 (off by default: fp32 rows are compared to 1/255)",
+    )  # fmt: skip
     p.add_argument("--model", choices=["paired", "stochastic", "unpaired"], default="paired")
     p.add_argument("--gamma", type=float, default=1.0, help="< 1 for the stochastic model")
     p.add_argument("--only", nargs="*", help="run only the variants whose name starts with one of these")
@@ -287,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unpaired-rank", type=int, default=128, help="UNet LoRA rank of the unpaired model")
     p.add_argument("--base", help="a local diffusers folder instead of random full-size weights")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    p.add_argument("--profile-switch", type=Path, help="write a profile of one UNet + VAE switch here")
     return p
 
 
@@ -296,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: --gamma < 1 needs --model stochastic")
     device = resolve_device(args.device)
     dtype = DTYPES[args.dtype]
+    if device.type == "cuda":  # PyTorch lets cuDNN's fp32 convs use TF32 unless told otherwise
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
     start = time.perf_counter()
     base = load_base(args.base, device, dtype) if args.base else random_base(device, dtype)
     gen = Generator(base).eval()
@@ -324,10 +381,14 @@ def main(argv: list[str] | None = None) -> int:
                 base.text_encoder.to(dtype)
                 base.dtype = dtype
     switches = switch_times(gen, args, device)
+    compiled = compiled_switches(gen, base, args.sizes[0], device) if args.compile else []
+    if args.profile_switch:
+        profile_switch(gen, device, args.profile_switch)
 
-    name = (
-        torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    )
+    if device.type == "cuda":
+        name = f"{torch.cuda.get_device_name()} (TF32 {'on' if args.tf32 else 'off'})"
+    else:
+        name = f"cpu ({torch.get_num_threads()} threads)"
     print(
         f"\n{name}, torch {torch.__version__}, {args.dtype}, model {args.model}, gamma {args.gamma}, "
         f"batch {args.batch}, median of {args.repeats} after {args.warmup} warm-up; built in {built:.0f} s\n"
@@ -337,8 +398,16 @@ def main(argv: list[str] | None = None) -> int:
         header = [f"{size}x{size}", "ms / image", "x plain", "peak MB", "max diff (1/255)"]
         print(table(header, [r.cells(sized[0]) for r in sized]) + "\n")
     print(table(["switch (fast path)", "ms", "kept for exact restore, MB", "plain activate, ms"], switches))
+    if compiled:
+        header = [
+            f"compiled fast path, {args.sizes[0]}px: first image after a switch",
+            "ms",
+            "graphs compiled",
+        ]
+        print("\n" + table(header, compiled))
     if args.json:
-        args.json.write_text(json.dumps({"rows": [vars(r) for r in rows], "switches": switches}, indent=1))
+        result = {"rows": [vars(r) for r in rows], "switches": switches, "compiled_switches": compiled}
+        args.json.write_text(json.dumps(result, indent=1))
     return 0
 
 

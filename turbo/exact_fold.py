@@ -20,6 +20,12 @@ position and value. Work goes in chunks of rows, so temporaries stay small (and 
 
 `d` must be recomputed bit-identically on restore: callers pass a function that computes rows of
 the delta from tensors that do not change while the fold is in place.
+
+The other way to give the base back exactly is to keep a copy of it: `host_copy` once per weight
+(pinned host memory on a GPU), `add_plain_` to fold, `copy_back_` to restore. It keeps a byte per
+byte of folded weight instead of ~0.2 per element, but a restore is one copy and a fold a few
+kernels per layer, where the record costs dozens of small kernels per layer: on a GPU the switch
+is bound by kernel launches, so there the copy wins (see `turbo.fast.FastOptions.restore`).
 """
 
 from __future__ import annotations
@@ -122,3 +128,23 @@ def subtract_(weight: torch.Tensor, delta_rows: DeltaRows, record: FoldRecord) -
     if used != record.codes.numel():
         raise RuntimeError("fold record does not match the weight (changed while folded?)")
     flat[record.index.to(flat.device).long()] = record.values.to(flat.device)
+
+
+def add_plain_(weight: torch.Tensor, delta_rows: DeltaRows) -> None:
+    """`weight += delta` in place (rounded to the weight's dtype), keeping nothing: restore it from
+    a `host_copy` taken before."""
+    flat = flat_storage(weight.data)
+    for r0, r1, start, stop in _chunks(weight):
+        w = flat[start:stop]
+        w.copy_((w.float() + delta_rows(r0, r1)).to(w.dtype))
+
+
+def host_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A copy of `weight` in host memory with the same strides (pinned, for fast copies, on a GPU)."""
+    copy = torch.empty_like(weight.data, device="cpu", pin_memory=weight.is_cuda)
+    return copy.copy_(weight.data)
+
+
+def copy_back_(weight: torch.Tensor, copy: torch.Tensor) -> None:
+    """Give `weight` the bits of its `host_copy` back (asynchronously on a GPU: stream-ordered)."""
+    weight.data.copy_(copy, non_blocking=True)

@@ -27,9 +27,20 @@ class SubpixelUpsample(nn.Module):
     (after a LoRA fold, for instance), in place, so compiled graphs stay valid.
     """
 
+    @staticmethod
+    def supports(conv: nn.Module) -> bool:
+        """Whether `conv` is the 3x3, padding 1, stride 1, ungrouped conv this module can stand in for."""
+        return (
+            isinstance(conv, nn.Conv2d)
+            and conv.kernel_size == (3, 3)
+            and conv.padding == (1, 1)
+            and conv.stride == (1, 1)
+            and conv.groups == 1
+        )
+
     def __init__(self, conv: nn.Conv2d):
         super().__init__()
-        if conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.stride != (1, 1) or conv.groups != 1:
+        if not self.supports(conv):
             raise ValueError("SubpixelUpsample stands in for a 3x3, padding 1, stride 1 conv only")
         cout, cin = conv.out_channels, conv.in_channels
         like = conv.weight
