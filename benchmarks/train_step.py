@@ -404,7 +404,8 @@ def print_unpaired_memory(args: argparse.Namespace) -> None:
                 cap = f", allocator capped at {r['cap_gib']} GiB" if r["cap_gib"] else ""
                 peak += (
                     f" (cuda, both steps: max allocated {r['cuda_max_allocated_gib']:.3f}, max reserved "
-                    f"{r['cuda_max_reserved_gib']:.3f}{cap}; step {r['step_s']:.2f} s)"
+                    f"{r['cuda_max_reserved_gib']:.3f}{cap}; second step {r['step_s']:.2f} s with every op "
+                    "counted: not a training speed)"
                 )
             row += f"{r['frozen']} | {r['tensors']} | {r['weights_gib']:.3f} ({r['trainable_gib']:.3f}) | "
             print(row + f"{r['optimizer_gib']:.3f} | {phases} | {peak} |", flush=True)

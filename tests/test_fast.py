@@ -284,6 +284,23 @@ def test_pipeline_batch_size_must_be_positive(pipes):
         fast.translate_batch(_images()[:1], tmp / "sketch.pkl", prompt="a cat", batch_size=0)
 
 
+def test_benchmark_variants_start_from_contiguous_weights(setup):
+    """A variant without channels_last must not inherit the layout a previous variant left."""
+    from turbo.bench import Variant, _runner
+
+    gen, x, noise, emb = setup
+    convs = [p for p in gen.unet.parameters() if p.dim() == 4]
+    _runner(gen, None, Variant("cl", FastOptions(channels_last=True), False), "paired", 1.0)
+    assert not all(p.is_contiguous() for p in convs)
+    plain_layout = FastOptions(channels_last=False, subpixel=False)
+    _runner(gen, None, Variant("no cl", plain_layout, False), "paired", 1.0)
+    assert all(p.is_contiguous() for p in convs)
+    _runner(gen, None, Variant("cl", FastOptions(channels_last=True), False), "paired", 1.0)
+    _runner(gen, None, Variant("plain", None, False), "paired", 1.0)
+    assert all(p.is_contiguous() for p in convs)
+    gen.unfold()
+
+
 def test_benchmark_runs_and_reports_the_ratio(tiny_base_dir, capsys):
     from turbo.bench import main
 

@@ -8,8 +8,9 @@ conv, unpaired with two directions), and prints markdown tables:
   the largest pixel difference to the plain path's image, for
   plain       what the original code does: peft LoRA unfolded, prompt encoded every call, no_grad
   fast        our default (turbo.fast.FastPath with the prompt embedding cached)
-  +fold, +fold +subpixel, +prompt cache, +channels_last, +inference_mode
-              each optimisation alone on top of plain (subpixel upsampling needs the fold)
+  +fold, +fold +subpixel, (+fold +CUDA graph), +prompt cache, +channels_last, +inference_mode
+              each optimisation alone on top of plain (subpixel upsampling and CUDA graphs need
+              the fold; graphs are CUDA only)
   compiled / other dtypes (plain and fast in each), when asked (--compile, --dtypes); on CUDA,
               fp32 runs without TF32 unless --tf32
 - the direction-switch time of the fast path (refold with exact restore of the base), and the
@@ -169,8 +170,8 @@ class Variant:
     dtype: torch.dtype | None = None
 
 
-def variants(args: argparse.Namespace) -> list[Variant]:
-    off = dict(fold=False, channels_last=False, inference_mode=False, subpixel=False)
+def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
+    off = dict(fold=False, channels_last=False, inference_mode=False, subpixel=False, cuda_graph=False)
     out = [
         Variant(f"plain (original: unfolded LoRA, text every call, {args.dtype})", None, False),
         Variant("fast (default)", FastOptions(), True),
@@ -182,6 +183,10 @@ def variants(args: argparse.Namespace) -> list[Variant]:
         Variant("+ channels_last only", FastOptions(**{**off, "channels_last": True}), False),
         Variant("+ inference_mode only", FastOptions(**{**off, "inference_mode": True}), False),
     ]
+    if device.type == "cuda":  # graphs replay folded networks only
+        out.insert(
+            4, Variant("+ fold + CUDA graph", FastOptions(**{**off, "fold": True, "cuda_graph": True}), False)
+        )
     if args.compile:
         out.append(Variant("fast + torch.compile", FastOptions(compile=True), True))
     for name in args.dtypes:  # the plain path in that dtype too: its difference is the dtype's own
@@ -198,11 +203,10 @@ def _set_format(gen: Generator, channels_last: bool) -> None:
 
 
 def _runner(gen: Generator, base: BaseModel, v: Variant, model: str, gamma: float) -> Callable:
-    fast = None
-    if v.options is not None:
-        fast = FastPath(gen, v.options)
-    else:
-        _set_format(gen, False)
+    # Every variant starts from contiguous weights: FastPath converts them only when its option asks,
+    # so a variant without channels_last would otherwise inherit the previous variant's layout.
+    _set_format(gen, False)
+    fast = FastPath(gen, v.options) if v.options is not None else None
     cached = base.encode_prompt(PROMPT) if v.cache_prompt else None
 
     def run(x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
@@ -358,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     gen = Generator(base).eval()
     add_random_models(gen, args.unpaired_rank)
     built = time.perf_counter() - start
-    every = variants(args)
+    every = variants(args, device)
     chosen = every[:1] + [v for v in every[1:] if not args.only or v.name.startswith(tuple(args.only))]
     rows: list[Row] = []
     with tqdm(total=len(args.sizes) * len(chosen), desc="benchmark") as bar:
