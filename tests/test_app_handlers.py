@@ -320,6 +320,23 @@ def test_app_exits_with_a_clear_message_when_the_base_is_missing_and_uses_spaces
     assert app_module.main(["--base", str(tmp_path / "missing")]) == 2  # a folder that is not there
 
 
+def test_restore_flag_reaches_the_pipeline(monkeypatch, tmp_path):
+    import app as app_module
+
+    assert app_module.build_parser().parse_args([]).restore == "auto"
+    seen = {}
+
+    def fake_get_pipeline(*key, **kw):
+        seen.update(kw, key=key)
+        raise KeyboardInterrupt  # stop before anything loads
+
+    monkeypatch.setattr(app_module, "get_pipeline", fake_get_pipeline)
+    args = app_module.build_parser().parse_args(["--base", str(tmp_path), "--restore", "copy"])
+    with pytest.raises(KeyboardInterrupt):
+        app_module.create_app(args)
+    assert seen["restore"] == "copy" and seen["key"][0] == str(tmp_path)
+
+
 def test_host_is_loopback_except_on_spaces(monkeypatch):
     import app as app_module
 

@@ -278,6 +278,21 @@ def test_pipeline_batch_equals_one_by_one_and_plain(pipes, model, kw):
         assert result.gamma == single.gamma
 
 
+def test_pipeline_restore_by_copy_gives_the_same_images(pipes, tiny_base_dir):
+    fast, _, tmp = pipes
+    copying = Pipeline(tiny_base_dir, device="cpu", restore="copy")
+    assert copying.fast.options.restore_mode(torch.device("cpu")) == "copy"
+    image = _images()[0]
+    for model, kw in [("sketch.pkl", {"gamma": 0.5}), ("unpaired.pkl", {"direction": "b2a"}),
+                      ("sketch.pkl", {"gamma": 0.3})]:  # fmt: skip
+        a = copying.translate(image, tmp / model, prompt="a cat", **kw)
+        b = fast.translate(image, tmp / model, prompt="a cat", **kw)
+        assert _diff(a.image, b.image) <= 1
+    assert copying.fast.restore_bytes() > 0
+    with pytest.raises(ValueError, match="restore must be"):
+        Pipeline(tiny_base_dir, device="cpu", restore="backup")
+
+
 def test_pipeline_batch_size_must_be_positive(pipes):
     fast, _, tmp = pipes
     with pytest.raises(ValueError, match="batch_size"):

@@ -245,7 +245,7 @@ def measure(
 
 def switch_times(gen: Generator, args, device: torch.device) -> list[list[str]]:
     """Median time of the fast path's refold for each kind of switch, and what it keeps for exactness."""
-    fast = FastPath(gen)
+    fast = FastPath(gen, FastOptions(restore=args.restore))
     cases = [
         ("paired -> unpaired a2b (UNet + VAE)", ("paired", "a2b", 1.0), ("unpaired", "a2b", 1.0)),
         ("unpaired a2b -> b2a (VAE only)", ("unpaired", "a2b", 1.0), ("unpaired", "b2a", 1.0)),
@@ -344,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=float, default=1.0, help="< 1 for the stochastic model")
     p.add_argument("--only", nargs="*", help="run only the variants whose name starts with one of these")
     p.add_argument("--switch-repeats", type=int, default=3)
+    p.add_argument(
+        "--restore", choices=["auto", "record", "copy"], default="auto",
+        help="how the fast path restores the base on a switch (FastOptions.restore)",
+    )  # fmt: skip
     p.add_argument("--unpaired-rank", type=int, default=128, help="UNet LoRA rank of the unpaired model")
     p.add_argument("--base", help="a local diffusers folder instead of random full-size weights")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -365,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     add_random_models(gen, args.unpaired_rank)
     built = time.perf_counter() - start
     every = variants(args, device)
+    for v in every:
+        if v.options is not None:
+            v.options.restore = args.restore
     chosen = every[:1] + [v for v in every[1:] if not args.only or v.name.startswith(tuple(args.only))]
     rows: list[Row] = []
     with tqdm(total=len(args.sizes) * len(chosen), desc="benchmark") as bar:

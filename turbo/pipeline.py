@@ -92,7 +92,8 @@ class Pipeline:
 
     Thread-safe: translations run one at a time (the lock also guards loading and eviction).
     `fast=True` (the default) runs `turbo.fast.FastPath`: the active model's adapters folded into
-    the base, the base restored exactly on a switch; `compile=True` adds torch.compile to it.
+    the base, the base restored exactly on a switch (`restore`: how, see `FastOptions.restore`);
+    `compile=True` adds torch.compile to it.
     """
 
     def __init__(
@@ -105,6 +106,7 @@ class Pipeline:
         max_side: int = 2048,
         fast: bool = True,
         compile: bool = False,
+        restore: str = "auto",
     ):
         self.base = load_base(base, device, dtype)
         if self.base.dtype == torch.bfloat16 and not bf16_is_native(self.base.device):
@@ -112,7 +114,8 @@ class Pipeline:
                 "bf16 asked for, but this %s has no native bf16: expect it to be slow", self.base.device
             )
         self.generator = Generator(self.base).eval()
-        self.fast = FastPath(self.generator, FastOptions(compile=compile)) if fast else None
+        options = FastOptions(compile=compile, restore=restore)
+        self.fast = FastPath(self.generator, options) if fast else None
         self.max_models = max_models
         self.cache_dir = cache_dir
         self.max_side = max_side
