@@ -171,27 +171,32 @@ class Variant:
 
 
 def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
+    def opts(**on) -> FastOptions:  # every fast variant restores the base as --restore says
+        return FastOptions(restore=args.restore, **on)
+
     off = dict(fold=False, channels_last=False, inference_mode=False, subpixel=False, cuda_graph=False)
+    folds = [
+        ("+ fold LoRA only", {"fold": True}),
+        ("+ fold + subpixel upsampling", {"fold": True, "subpixel": True}),
+        # graphs replay folded networks, on CUDA only
+        *([("+ fold + CUDA graph", {"fold": True, "cuda_graph": True})] if device.type == "cuda" else []),
+    ]
+    others = [
+        ("+ channels_last only", {"channels_last": True}),
+        ("+ inference_mode only", {"inference_mode": True}),
+    ]
     out = [
         Variant(f"plain (original: unfolded LoRA, text every call, {args.dtype})", None, False),
-        Variant("fast (default)", FastOptions(), True),
-        Variant("+ fold LoRA only", FastOptions(**{**off, "fold": True}), False),
-        Variant(
-            "+ fold + subpixel upsampling", FastOptions(**{**off, "fold": True, "subpixel": True}), False
-        ),
+        Variant("fast (default)", opts(), True),
+        *(Variant(name, opts(**{**off, **on}), False) for name, on in folds),
         Variant("+ prompt cache only", None, True),
-        Variant("+ channels_last only", FastOptions(**{**off, "channels_last": True}), False),
-        Variant("+ inference_mode only", FastOptions(**{**off, "inference_mode": True}), False),
+        *(Variant(name, opts(**{**off, **on}), False) for name, on in others),
     ]
-    if device.type == "cuda":  # graphs replay folded networks only
-        out.insert(
-            4, Variant("+ fold + CUDA graph", FastOptions(**{**off, "fold": True, "cuda_graph": True}), False)
-        )
     if args.compile:
-        out.append(Variant("fast + torch.compile", FastOptions(compile=True), True))
+        out.append(Variant("fast + torch.compile", opts(compile=True), True))
     for name in args.dtypes:  # the plain path in that dtype too: its difference is the dtype's own
         out.append(Variant(f"plain, {name}", None, False, DTYPES[name]))
-        out.append(Variant(f"fast, {name}", FastOptions(compile=args.compile), True, DTYPES[name]))
+        out.append(Variant(f"fast, {name}", opts(compile=args.compile), True, DTYPES[name]))
     return out
 
 
@@ -271,13 +276,14 @@ def switch_times(gen: Generator, args, device: torch.device) -> list[list[str]]:
     return rows
 
 
-def compiled_switches(gen: Generator, base: BaseModel, size: int, device: torch.device) -> list[list[str]]:
+def compiled_switches(gen: Generator, base: BaseModel, args, device: torch.device) -> list[list[str]]:
     """The first image after each kind of switch on a compiled fast path, and how many graphs it
     compiled: folding writes the weights in place, so a switch should compile nothing."""
     from torch._dynamo.utils import counters
 
-    fast = FastPath(gen, FastOptions(compile=True))
+    fast = FastPath(gen, FastOptions(compile=True, restore=args.restore))
     emb = base.encode_prompt(PROMPT)
+    size = args.sizes[0]
     g = torch.Generator().manual_seed(size)
     x = torch.rand(1, 3, size, size, generator=g).to(device)
     noise = torch.randn(1, 4, size // 8, size // 8, generator=g).to(device)
@@ -300,12 +306,12 @@ def compiled_switches(gen: Generator, base: BaseModel, size: int, device: torch.
     return rows
 
 
-def profile_switch(gen: Generator, device: torch.device, path: Path) -> None:
+def profile_switch(gen: Generator, args, device: torch.device) -> None:
     """torch.profiler's table (by self cpu time) of a paired -> unpaired switch (not the first one),
-    written to `path`."""
+    written to `args.profile_switch`."""
     from torch.profiler import ProfilerActivity, profile
 
-    fast = FastPath(gen)
+    fast = FastPath(gen, FastOptions(restore=args.restore))
     for model in ("paired", "unpaired", "paired"):  # steady state: restore-by-copy copies taken
         fast.fold(model)
     _sync(device)
@@ -314,7 +320,7 @@ def profile_switch(gen: Generator, device: torch.device, path: Path) -> None:
         fast.fold("unpaired", "a2b")
         _sync(device)
     gen.unfold()
-    path.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+    args.profile_switch.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -369,9 +375,6 @@ def main(argv: list[str] | None = None) -> int:
     add_random_models(gen, args.unpaired_rank)
     built = time.perf_counter() - start
     every = variants(args, device)
-    for v in every:
-        if v.options is not None:
-            v.options.restore = args.restore
     chosen = every[:1] + [v for v in every[1:] if not args.only or v.name.startswith(tuple(args.only))]
     rows: list[Row] = []
     with tqdm(total=len(args.sizes) * len(chosen), desc="benchmark") as bar:
@@ -394,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                 base.text_encoder.to(dtype)
                 base.dtype = dtype
     switches = switch_times(gen, args, device)
-    compiled = compiled_switches(gen, base, args.sizes[0], device) if args.compile else []
+    compiled = compiled_switches(gen, base, args, device) if args.compile else []
     if args.profile_switch:
-        profile_switch(gen, device, args.profile_switch)
+        profile_switch(gen, args, device)
 
     if device.type == "cuda":
         name = f"{torch.cuda.get_device_name()} (TF32 {'on' if args.tf32 else 'off'})"
