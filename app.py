@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--restore", choices=["auto", "record", "copy"], default="auto",
         help="how a switch between models gives the base back: record (least memory) or copy (a copy of "
-        "the base weights in host memory, 3.5 GB in fp32: on the cpu 2.5-6x faster switches); auto: copy "
+        "the base weights in host memory, 3.5 GB in fp32: on the cpu 4-9x faster switches); auto: copy "
         "on CUDA, record elsewhere",
     )  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true")

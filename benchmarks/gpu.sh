@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU checks and figures of docs/performance.md and docs/training.md in one run (about 7 minutes on
 # an H100): the fast-path tests on CUDA, fp16/bf16 inference (plain, fast, each optimisation,
-# switches), the unpaired training step at 512x512 under a 22 GiB allocator cap (a 24 GB card), the
-# fp32 baseline with fp16 beside it, and the compiled path.
+# cudnn.benchmark, switches, profiles of a switch and of one image), the unpaired training step at
+# 512x512 under a 22 GiB allocator cap (a 24 GB card), the fp32 baseline with fp16 beside it, and the
+# compiled path.
 #
 #     bash benchmarks/gpu.sh [OUTPUT_DIR]      (default: gpu-results; PYTHON=... picks the interpreter,
 #                                               PARTS="tests bench_fp16" runs only those parts)
@@ -35,8 +36,9 @@ part() {  # NAME SECONDS ARGS...: run one part, print its tables
 
 part tests 150 -m pytest -q --tb=short -p no:cacheprovider tests/test_fast.py tests/test_exact_fold.py \
     tests/test_cuda_graph.py
-part bench_fp16 150 -m turbo.bench --device cuda --dtype fp16 --dtypes bf16 --sizes 512 256 --repeats 20 \
-    --warmup 3 --switch-repeats 5 --json "$out/bench_fp16.json" --profile-switch "$out/switch_profile.txt"
+part bench_fp16 180 -m turbo.bench --device cuda --dtype fp16 --dtypes bf16 --sizes 512 256 --repeats 20 \
+    --warmup 3 --switch-repeats 5 --cudnn-benchmark --json "$out/bench_fp16.json" \
+    --profile-switch "$out/switch_profile.txt" --profile-forward "$out/forward_profile.txt"
 part train_memory 120 benchmarks/train_step.py --unpaired-memory --real --real-only --sizes full \
     --resolution 512 --cap-gib 22
 part bench_fp32 90 -m turbo.bench --device cuda --sizes 512 --repeats 10 --warmup 2 --only fast plain \

@@ -32,7 +32,7 @@ def bits(t):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(300, 1000), (40, 24, 3, 3)])
+@pytest.mark.parametrize("shape", [(300, 1000), (40, 24, 3, 3), (1100, 1000)])  # the last: two chunks
 def test_fold_then_unfold_gives_every_bit_back(dtype, shape):
     w, delta_rows = weights_and_delta(shape, dtype, relative=0.3)
     before = bits(w)
@@ -41,6 +41,20 @@ def test_fold_then_unfold_gives_every_bit_back(dtype, shape):
     assert torch.equal(w, expected)  # the fold is the rounded sum, nothing else
     assert record.codes.numel() > 0 and record.index.numel() > 0  # both kinds of record are used
     exact_fold.subtract_(w, delta_rows, record)
+    assert torch.equal(bits(w), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(300, 1000), (40, 24, 3, 3), (1100, 1000)])  # the last: two chunks
+def test_the_copy_way_folds_the_same_bits_and_copies_them_back(dtype, shape):
+    w, delta_rows = weights_and_delta(shape, dtype, relative=0.3)
+    before = bits(w)
+    recorded = w.clone()
+    exact_fold.add_(recorded, delta_rows)
+    copy = exact_fold.host_copy(w)
+    exact_fold.add_plain_(w, delta_rows)
+    assert torch.equal(bits(w), bits(recorded))  # both ways fold the same rounded sum
+    exact_fold.copy_back_(w, copy)
     assert torch.equal(bits(w), before)
 
 

@@ -5,6 +5,7 @@ import torch
 from PIL import Image
 from reference import RefPaired, RefUnpaired
 
+from turbo import exact_fold
 from turbo.base import load_base
 from turbo.checkpoint import load_checkpoint
 from turbo.fast import FastOptions, FastPath, FastPathError
@@ -123,6 +124,48 @@ def test_folding_changes_the_base_then_a_switch_restores_it(setup, restore):
     fast.fold("paired")
     gen.unfold()
     assert torch.equal(gen.unet.get_submodule(some).base_layer.weight, before[f"{some}.base_layer.weight"])
+
+
+def test_restore_by_copy_takes_each_copy_once(setup, monkeypatch):
+    """Copies are taken at a weight's first fold only: retaking them on every switch (a device-to-host
+    copy and a sync per layer on a GPU) would cost more than the switch itself."""
+    gen, x, noise, emb = setup
+    gen.unfold()
+    taken = []
+    real = exact_fold.host_copy
+    monkeypatch.setattr(exact_fold, "host_copy", lambda w: taken.append(w) or real(w))
+    fast = FastPath(gen, FastOptions(restore="copy"))
+    for case in CASES:
+        fast.fold(*case)
+    first = len(taken)
+    assert first == len({id(w) for w in taken}) > 0  # one copy per folded weight, no more
+    kept = fast.restore_bytes()
+    for case in CASES + CASES[::-1]:
+        fast.fold(*case)
+    assert len(taken) == first
+    assert fast.restore_bytes() == kept
+    gen.unfold()
+
+
+def test_a_switch_by_copy_never_waits_for_the_gpu(setup):
+    """On CUDA a steady-state switch (copies taken) only queues work: a host sync per layer (a
+    blocking copy, a `.item()`) would put the launch time and the GPU time end to end."""
+    gen, x, noise, emb = setup
+    if not x.is_cuda:
+        pytest.skip("host syncs are a CUDA matter")
+    gen.unfold()
+    fast = FastPath(gen, FastOptions(restore="copy"))
+    for case in CASES:
+        fast.fold(*case)
+    assert all(kept.copy.is_pinned() for kept in fast._copies.values())  # else copies are synchronous
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for case in CASES[::-1] + CASES:
+            fast.fold(*case)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    gen.unfold()
 
 
 def test_restore_by_copy_follows_edits_of_the_base(setup):
@@ -316,12 +359,18 @@ def test_benchmark_variants_start_from_contiguous_weights(setup):
     gen.unfold()
 
 
-def test_benchmark_runs_and_reports_the_ratio(tiny_base_dir, capsys):
+def test_benchmark_runs_and_reports_the_ratio(tiny_base_dir, capsys, tmp_path):
     from turbo.bench import main
 
     argv = ["--base", str(tiny_base_dir), "--sizes", "32", "--repeats", "1", "--warmup", "0",
             "--only", "fast", "--switch-repeats", "1", "--unpaired-rank", "4"]  # fmt: skip
-    assert main(argv) == 0
+    profiles = [
+        "--profile-switch",
+        str(tmp_path / "switch.txt"),
+        "--profile-forward",
+        str(tmp_path / "fwd.txt"),
+    ]
+    assert main(argv + profiles) == 0
     out = capsys.readouterr().out
     plain_row = next(line for line in out.splitlines() if line.startswith("| plain"))
     fast_row = next(line for line in out.splitlines() if line.startswith("| fast (default)"))
@@ -329,3 +378,8 @@ def test_benchmark_runs_and_reports_the_ratio(tiny_base_dir, capsys):
     assert float(fast_row.split("|")[3]) > 0
     assert float(fast_row.split("|")[5]) < 1  # same image as the plain path, within 1/255
     assert "unpaired a2b -> b2a (VAE only)" in out
+    assert "aten::mm" in (tmp_path / "switch.txt").read_text()  # the deltas B @ A
+    assert "aten::convolution" in (tmp_path / "fwd.txt").read_text()
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="needs a CUDA device"):
+            main(argv + ["--cudnn-benchmark"])

@@ -11,12 +11,14 @@ conv, unpaired with two directions), and prints markdown tables:
   +fold, +fold +subpixel, (+fold +CUDA graph), +prompt cache, +channels_last, +inference_mode
               each optimisation alone on top of plain (subpixel upsampling and CUDA graphs need
               the fold; graphs are CUDA only)
-  compiled / other dtypes (plain and fast in each), when asked (--compile, --dtypes); on CUDA,
-              fp32 runs without TF32 unless --tf32
+  compiled / other dtypes (plain and fast in each) / cuDNN's autotuner, when asked (--compile,
+              --dtypes, --cudnn-benchmark); on CUDA, fp32 runs without TF32 unless --tf32
 - the direction-switch time of the fast path (refold with exact restore of the base), and the
   memory it keeps to restore the base exactly;
 - with --compile, the first image after each kind of switch on the compiled path, and the graphs it
-  compiled (none expected: switches write the weights in place).
+  compiled (none expected: switches write the weights in place);
+- with --profile-switch / --profile-forward FILE, torch.profiler's table of a steady-state switch /
+  of one fast-path image (eager), to see where the time goes.
 
 Peak memory is the process's peak resident set on the cpu (reset before each variant through
 /proc/self/clear_refs), and torch's peak allocation on cuda.
@@ -168,6 +170,7 @@ class Variant:
     options: FastOptions | None  # None: Generator.forward, as the original code runs
     cache_prompt: bool
     dtype: torch.dtype | None = None
+    cudnn_benchmark: bool = False  # let cuDNN time its conv algorithms for each new shape
 
 
 def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
@@ -194,6 +197,8 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
     ]
     if args.compile:
         out.append(Variant("fast + torch.compile", opts(compile=True), True))
+    if args.cudnn_benchmark:
+        out.append(Variant("fast + cudnn.benchmark", opts(), True, cudnn_benchmark=True))
     for name in args.dtypes:  # the plain path in that dtype too: its difference is the dtype's own
         out.append(Variant(f"plain, {name}", None, False, DTYPES[name]))
         out.append(Variant(f"fast, {name}", opts(compile=args.compile), True, DTYPES[name]))
@@ -232,16 +237,20 @@ def measure(
     x = torch.rand(args.batch, 3, size, size, generator=g).to(dev)
     noise = torch.randn(1, 4, size // 8, size // 8, generator=g).to(dev) if args.gamma < 1 else None
     run = _runner(gen, base, v, args.model, args.gamma)
-    for _ in range(args.warmup):
-        run(x, noise)
-    _reset_peak(dev)
-    times = []
-    for _ in range(args.repeats):
-        _sync(dev)
-        start = time.perf_counter()
-        out = run(x, noise)
-        _sync(dev)
-        times.append((time.perf_counter() - start) * 1000 / args.batch)
+    before, torch.backends.cudnn.benchmark = torch.backends.cudnn.benchmark, v.cudnn_benchmark
+    try:
+        for _ in range(args.warmup):
+            run(x, noise)
+        _reset_peak(dev)
+        times = []
+        for _ in range(args.repeats):
+            _sync(dev)
+            start = time.perf_counter()
+            out = run(x, noise)
+            _sync(dev)
+            times.append((time.perf_counter() - start) * 1000 / args.batch)
+    finally:
+        torch.backends.cudnn.benchmark = before
     peak = _peak_mb(dev)
     out = out.float().cpu()
     diff = 0.0 if reference is None else ((out - reference).abs().max().item() / 2 * 255)
@@ -306,21 +315,41 @@ def compiled_switches(gen: Generator, base: BaseModel, args, device: torch.devic
     return rows
 
 
-def profile_switch(gen: Generator, args, device: torch.device) -> None:
-    """torch.profiler's table (by self cpu time) of a paired -> unpaired switch (not the first one),
-    written to `args.profile_switch`."""
+def _profile(fn: Callable[[], object], device: torch.device, sort_by: str) -> str:
+    """torch.profiler's table of one call of `fn` (25 rows)."""
     from torch.profiler import ProfilerActivity, profile
 
-    fast = FastPath(gen, FastOptions(restore=args.restore))
-    for model in ("paired", "unpaired", "paired"):  # steady state: restore-by-copy copies taken
-        fast.fold(model)
     _sync(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        fast.fold("unpaired", "a2b")
+        fn()
         _sync(device)
+    return prof.key_averages().table(sort_by=sort_by, row_limit=25)
+
+
+def profile_switch(gen: Generator, args, device: torch.device) -> None:
+    """The profile (by self cpu time: launches and host syncs) of a paired -> unpaired switch in the
+    steady state, written to `args.profile_switch`."""
+    fast = FastPath(gen, FastOptions(restore=args.restore))
+    for model in ("paired", "unpaired", "paired"):  # steady state: restore-by-copy copies taken
+        fast.fold(model)
+    text = _profile(lambda: fast.fold("unpaired", "a2b"), device, "self_cpu_time_total")
+    args.profile_switch.write_text(text)
     gen.unfold()
-    args.profile_switch.write_text(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+def profile_forward(gen: Generator, base: BaseModel, args, device: torch.device) -> None:
+    """The profile of one default fast-path image at the first size, run eagerly (a CUDA graph's replay
+    would hide its kernels), by self device time on CUDA; written to `args.profile_forward`."""
+    fast = FastPath(gen, FastOptions(restore=args.restore, cuda_graph=False))
+    emb = base.encode_prompt(PROMPT)
+    size = args.sizes[0]
+    x = torch.rand(args.batch, 3, size, size, generator=torch.Generator().manual_seed(size)).to(device)
+    for _ in range(2):  # warm: the fold, cuDNN's handles
+        fast(x, emb, "paired")
+    sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    args.profile_forward.write_text(_profile(lambda: fast(x, emb, "paired"), device, sort_by))
+    gen.unfold()
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -357,7 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unpaired-rank", type=int, default=128, help="UNet LoRA rank of the unpaired model")
     p.add_argument("--base", help="a local diffusers folder instead of random full-size weights")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    p.add_argument(
+        "--cudnn-benchmark", action="store_true",
+        help="add a row with torch.backends.cudnn.benchmark on (CUDA only: cuDNN times its algorithms)",
+    )  # fmt: skip
     p.add_argument("--profile-switch", type=Path, help="write a profile of one UNet + VAE switch here")
+    p.add_argument(
+        "--profile-forward", type=Path,
+        help="write a profile of one fast-path image (eager, at the first size) here",
+    )  # fmt: skip
     return p
 
 
@@ -366,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model != "stochastic" and args.gamma != 1:
         raise SystemExit("error: --gamma < 1 needs --model stochastic")
     device = resolve_device(args.device)
+    if args.cudnn_benchmark and device.type != "cuda":
+        raise SystemExit("error: --cudnn-benchmark needs a CUDA device")
     dtype = DTYPES[args.dtype]
     if device.type == "cuda":  # PyTorch lets cuDNN's fp32 convs use TF32 unless told otherwise
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = args.tf32
@@ -400,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     compiled = compiled_switches(gen, base, args, device) if args.compile else []
     if args.profile_switch:
         profile_switch(gen, args, device)
+    if args.profile_forward:
+        profile_forward(gen, base, args, device)
 
     if device.type == "cuda":
         name = f"{torch.cuda.get_device_name()} (TF32 {'on' if args.tf32 else 'off'})"

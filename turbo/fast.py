@@ -65,8 +65,9 @@ class FastOptions:
     cuda_graph: bool = True
     # How a switch gives the base its exact weights back (`turbo.exact_fold`): "record" keeps ~0.2
     # bytes per folded element; "copy" keeps a copy of every folded base weight in host memory (pinned)
-    # and restores by copying: 4-6x faster switches on an H200, where the record's many small kernels
-    # bound the switch; "auto": "copy" on CUDA, "record" elsewhere (cpu RAM holds the weights too).
+    # and restores by copying: switches 4x faster on an H200 (where the record's many small kernels and
+    # host syncs bound them) and 4-9x on a 2-core cpu; "auto": "copy" on CUDA, "record" elsewhere
+    # (on the cpu the copy would put the fast path's peak RAM above the plain path's).
     restore: str = "auto"
 
     def restore_mode(self, device: torch.device) -> str:
@@ -86,23 +87,27 @@ def bf16_is_native(device: torch.device) -> bool:
     return False
 
 
-def _delta(layer: LoraLayer, adapter: str, scale: float, r0: int = 0, r1: int | None = None) -> torch.Tensor:
-    """Output rows [r0, r1) of the adapter's delta `scale * alpha / r * B @ A`, fp32, shape (rows, fan_in)."""
+def _delta(layer: LoraLayer, adapter: str, scale: float) -> torch.Tensor:
+    """The adapter's delta `scale * alpha / r * B @ A`, fp32, shape (out, fan_in)."""
     a = layer.lora_A[adapter].weight.flatten(1).float()
-    b = layer.lora_B[adapter].weight[r0:r1].flatten(1).float()
+    b = layer.lora_B[adapter].weight.flatten(1).float()
     return (b @ a).mul_(scale * layer.lora_alpha[adapter] / layer.r[adapter])
 
 
 def _delta_rows(layer: LoraLayer, adapter: str, scale: float) -> exact_fold.DeltaRows:
     """The delta's rows flattened in the base weight's storage order (channels_last: out, kh, kw, in)."""
     w = layer.get_base_layer().weight
-    permute = w.dim() == 4 and not w.is_contiguous()
+    a = layer.lora_A[adapter].weight.float()
+    if w.dim() == 4 and not w.is_contiguous():
+        # A's columns in the weight's storage order, once per layer: each chunk's product then
+        # comes out in that order, with no permuted copy per chunk.
+        a = a.permute(0, 2, 3, 1)
+    a = a.reshape(a.shape[0], -1)
+    b = layer.lora_B[adapter].weight.flatten(1).float()
+    s = scale * layer.lora_alpha[adapter] / layer.r[adapter]
 
     def rows(r0: int, r1: int) -> torch.Tensor:
-        d = _delta(layer, adapter, scale, r0, r1)
-        if permute:
-            d = d.view(r1 - r0, *w.shape[1:]).permute(0, 2, 3, 1)
-        return d.reshape(-1)
+        return (b[r0:r1] @ a).mul_(s).view(-1)
 
     return rows
 
@@ -123,8 +128,17 @@ class _FoldedLayer:
             exact_fold.subtract_(weight, _delta_rows(self.layer, self.adapter, self.scale), self.record)
 
 
+@dataclass
+class _BaseCopy:
+    """A base weight's host copy, valid while the weight's (data_ptr, dtype, version) is `state`."""
+
+    weight: torch.Tensor
+    state: tuple
+    copy: torch.Tensor
+
+
 def _fold_layer(
-    layer: LoraLayer, adapter: str, scale: float, copies: dict[int, tuple] | None
+    layer: LoraLayer, adapter: str, scale: float, copies: dict[int, _BaseCopy] | None
 ) -> _FoldedLayer:
     """Fold one adapter into its base weight; with `copies` (see `FastPath._copies`), restore by copy."""
     weight = layer.get_base_layer().weight
@@ -133,12 +147,12 @@ def _fold_layer(
         return _FoldedLayer(layer, adapter, scale, exact_fold.add_(weight, rows))
     # A copy stays valid while the weight keeps its storage, dtype and version: our folds write
     # through `.data`, which leaves the version alone, while `.to()` or a user's in-place edit do not.
-    state = (weight, weight.data_ptr(), weight.dtype, weight._version)
+    state = (weight.data_ptr(), weight.dtype, weight._version)
     kept = copies.get(id(weight))
-    if kept is None or kept[0] is not weight or kept[1:] != state[1:]:
-        kept = copies[id(weight)] = (*state, exact_fold.host_copy(weight))
+    if kept is None or kept.weight is not weight or kept.state != state:
+        kept = copies[id(weight)] = _BaseCopy(weight, state, exact_fold.host_copy(weight))
     exact_fold.add_plain_(weight, rows)
-    return _FoldedLayer(layer, adapter, scale, None, kept[-1])
+    return _FoldedLayer(layer, adapter, scale, None, kept.copy)
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -209,8 +223,8 @@ class FastPath:
         self._unet, self._encode, self._decode = unet, vae.encode, vae.decode
         use_graphs = self.options.cuda_graph and self.options.fold and not self.options.compile
         self._graphs = GraphCache(self._forward) if use_graphs and self.device.type == "cuda" else None
-        # restore by copy: id(weight) -> (weight, data_ptr, dtype, version, host copy), from first folds
-        self._copies: dict[int, tuple] | None = (
+        # restore by copy: id(weight) -> its host copy, taken at the weight's first fold
+        self._copies: dict[int, _BaseCopy] | None = (
             {} if self.options.restore_mode(self.device) == "copy" else None
         )
         if self.options.compile:
@@ -227,7 +241,7 @@ class FastPath:
     def restore_bytes(self) -> int:
         """Host memory held to restore the base exactly (see `turbo.exact_fold`)."""
         if self._copies is not None:
-            return sum(kept[-1].numel() * kept[-1].element_size() for kept in self._copies.values())
+            return sum(kept.copy.numel() * kept.copy.element_size() for kept in self._copies.values())
         return sum(f.record.nbytes for f in self._unet_folds + self._vae_folds)
 
     def _enter(self) -> None:

@@ -47,6 +47,8 @@ class SubpixelUpsample(nn.Module):
         self.out_channels = cout
         self.register_buffer("weight", like.new_empty(4 * cout, cin, 2, 2), persistent=False)
         self.register_buffer("bias", like.new_zeros(4 * cout), persistent=False)
+        # kept on the weights' device: a host-to-device copy at every refresh would wait for the GPU
+        self.register_buffer("taps", _TAPS.to(like.device), persistent=False)
         if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
             self.weight = self.weight.contiguous(memory_format=torch.channels_last)
         self.refresh(conv)
@@ -54,8 +56,7 @@ class SubpixelUpsample(nn.Module):
     @torch.no_grad()
     def refresh(self, conv: nn.Conv2d) -> None:
         """Derive the four phase kernels from `conv`'s weight and bias (summed in fp32)."""
-        taps = _TAPS.to(conv.weight.device)
-        w = torch.einsum("apu,oiuv,bqv->aboipq", taps, conv.weight.float(), taps)
+        w = torch.einsum("apu,oiuv,bqv->aboipq", self.taps, conv.weight.float(), self.taps)
         self.weight.copy_(w.reshape(self.weight.shape))
         if conv.bias is not None:
             self.bias.copy_(conv.bias.repeat(4))
