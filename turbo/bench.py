@@ -10,7 +10,7 @@ conv, unpaired with two directions), and prints markdown tables:
   fast        our default (turbo.fast.FastPath with the prompt embedding cached)
   +fold, +fold +subpixel, (+fold +CUDA graph), +prompt cache, +channels_last, +inference_mode
               each optimisation alone on top of plain (subpixel upsampling and CUDA graphs need
-              the fold; graphs are CUDA only)
+              the fold; graphs are CUDA only); on CUDA also the default without channels_last
   compiled / other dtypes (plain and fast in each) / cuDNN's autotuner, when asked (--compile,
               --dtypes, --cudnn-benchmark); on CUDA, fp32 runs without TF32 unless --tf32
 - the direction-switch time of the fast path (refold with exact restore of the base), and the
@@ -199,6 +199,10 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
         out.append(Variant("fast + torch.compile", opts(compile=True), True))
     if args.cudnn_benchmark:
         out.append(Variant("fast + cudnn.benchmark", opts(), True, cudnn_benchmark=True))
+    if device.type == "cuda":
+        # CUDA's GroupNorm has no channels_last kernel (it returns contiguous outputs), so on a GPU
+        # channels_last may cost two layout copies per norm + conv pair: measure the default without it.
+        out.append(Variant("fast without channels_last", opts(channels_last=False), True))
     for name in args.dtypes:  # the plain path in that dtype too: its difference is the dtype's own
         out.append(Variant(f"plain, {name}", None, False, DTYPES[name]))
         out.append(Variant(f"fast, {name}", opts(compile=args.compile), True, DTYPES[name]))
