@@ -20,7 +20,8 @@ bit for bit: `turbo.exact_fold` adds each delta in place and keeps a small recor
 bytes per folded element with large random deltas) that makes the subtraction exact. The delta
 is recomputed on unfold by the same code from the same LoRA tensors, hence bit-identical. On a GPU
 the fast path keeps a copy of the folded base weights in pinned host memory instead and restores
-by copying (`FastOptions.restore`): there a switch is bound by kernel launches, not bytes.
+by copying (`FastOptions.restore`): there the record's small kernels and host syncs cost more
+than copying the bytes.
 
 Training never sees this: every mutating or plain-path method of `Generator` calls
 `Generator.unfold()` first, which restores the base and the peft wrappers.
