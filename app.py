@@ -21,11 +21,12 @@ except ImportError:
 import argparse  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from turbo.app_handlers import NO_STYLE, STYLE_CHOICES, TurboApp  # noqa: E402
+from turbo.app_handlers import MAX_SEED, NO_STYLE, STYLE_CHOICES, TurboApp  # noqa: E402
 from turbo.base import DEFAULT_BASE, DTYPES, BaseModelError  # noqa: E402
 from turbo.models_folder import ModelsFolder  # noqa: E402
 from turbo.pipeline import get_pipeline  # noqa: E402
@@ -40,6 +41,7 @@ EXAMPLES = [
     ("day_street.png", "clear_to_rainy", "driving in heavy rain", NO_STYLE),
 ]
 CSS = "#status {min-height: 2.5em}"
+MIN_SIDE = 64  # smallest --max-side: the models (trained at 512 px) give nothing usable much below it
 
 
 def tolerant(image: gr.Image) -> gr.Image:
@@ -58,6 +60,19 @@ def tolerant(image: gr.Image) -> gr.Image:
     return image
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in "invalid integer value: 'x'"
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="turbo's Gradio app (one-step image-to-image translation)")
     p.add_argument("--base", default=DEFAULT_BASE, help="base model: hub id or local diffusers folder")
@@ -71,8 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="default 127.0.0.1 (0.0.0.0 on Hugging Face Spaces)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     p.add_argument("--model", default=None, help="model selected at start (default: the sketch model)")
-    p.add_argument("--max-models", type=int, default=4, help="models kept loaded (least recently used out)")
-    p.add_argument("--max-side", type=int, default=1024, help="uploads are downscaled to this longer side")
+    p.add_argument(
+        "--max-models", type=_at_least(1), default=4, help="models kept loaded, >= 1 (least recently used go)"
+    )
+    p.add_argument(
+        "--max-side",
+        type=_at_least(MIN_SIDE),
+        default=1024,
+        help=f"uploads are downscaled to this longer side (pixels, >= {MIN_SIDE})",
+    )
     p.add_argument(
         "--rescan-seconds", type=float, default=5.0, help="how often the models folder is rescanned"
     )
@@ -145,7 +167,10 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
                 style = gr.Dropdown(STYLE_CHOICES, value=DEFAULT_STYLE, label="Style", elem_id="style")
                 gamma = gr.Slider(0, 1, value=0.4, step=0.05, label="Gamma", elem_id="gamma")
                 with gr.Row():
-                    seed = gr.Number(value=42, precision=0, minimum=0, label="Seed", elem_id="seed", scale=3)
+                    seed = gr.Number(
+                        value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed",
+                        scale=3,
+                    )  # fmt: skip
                     randomize = gr.Button("Random seed", size="sm", scale=1, elem_id="random")
                 with gr.Row():
                     canny_low = gr.Slider(0, 255, value=100, step=1, label="Canny low threshold")

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from turbo.app_handlers import GPU, NO_STYLE, MissingInputError, TurboApp
+from turbo.app_handlers import GPU, MAX_SEED, NO_STYLE, MissingInputError, TurboApp, parse_seed
 from turbo.models_folder import ModelsFolder, UploadError, is_candidate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,6 +284,53 @@ def test_refresh_and_upload_handlers(app, models_dir, tmp_path):
     assert "not a usable checkpoint" in status and app.warnings and "bad.pkl" not in text
     seeds = {app.random_seed() for _ in range(5)}
     assert len(seeds) > 1 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_seed_range_is_checked_with_a_clear_message(app):
+    sketch = {"composite": sketch_image()}
+    for bad in (2**70, 2**32, -1, 1.5, float("nan"), float("inf")):
+        image, *_, status, _ = app.run("sketch", "sketch.safetensors", sketch, None, "a", NO_STYLE, 0.4, bad)
+        assert image is None and "the seed must be a whole number from 0 to 4294967295" in status, status
+    assert len(app.warnings) == 6
+    status = app.run("sketch", "sketch.safetensors", sketch, None, "a dog", NO_STYLE, 0.4, MAX_SEED)[3]
+    assert "Done in" in status and "seed 4294967295." in status
+    assert parse_seed(None) == 0 and parse_seed(7.0) == 7 and MAX_SEED == 2**32 - 1
+    import app as app_module
+
+    demo = app_module.build_demo(app_module.build_parser().parse_args([]), app)
+    seed_box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "seed")
+    assert (seed_box.minimum, seed_box.maximum) == (0, MAX_SEED)
+
+
+def test_downscale_note_gives_the_size_as_seen_and_a_too_narrow_image_says_why(app, tmp_path):
+    pixels = photo((300, 150))
+    exif = pixels.getexif()
+    exif[274] = 6  # rotated 90 degrees: the user sees a 150x300 image
+    pixels.save(tmp_path / "rotated.jpg", exif=exif)
+    image, _, _, status, _ = app.run("upload", "edges.safetensors", None, str(tmp_path / "rotated.jpg"), "x")
+    assert image.size == (48, 96) and "downscaled from 150x300 to 48x96" in status
+    Image.new("RGB", (9, 300), "white").save(tmp_path / "thin.png")
+    status = app.run("upload", "edges.safetensors", None, str(tmp_path / "thin.png"), "x")[3]
+    assert "too narrow: 9x300 pixels; with its long side limited to 96 px its short side would be 3" in status
+
+
+def test_app_arguments_are_checked(tiny_base_dir, capsys):
+    import app as app_module
+
+    parser = app_module.build_parser()
+    for argv, message in (
+        (["--max-models", "0"], "--max-models: must be at least 1, got 0"),
+        (["--max-side", "0"], "--max-side: must be at least 64, got 0"),
+        (["--max-side", "big"], "--max-side: invalid integer value: 'big'"),
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        assert message in capsys.readouterr().err
+    assert parser.parse_args(["--max-models", "1", "--max-side", "64"]).max_side == 64
+    if not torch.backends.mps.is_available():  # fails before anything loads, one line, no traceback
+        assert app_module.main(["--base", str(tiny_base_dir), "--device", "mps"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: device 'mps' was asked for but MPS") and "Traceback" not in err
 
 
 def test_missing_input_error_is_an_image_error():

@@ -13,8 +13,9 @@ from reference import RefPaired, RefUnpaired
 from tiny import make_tiny_base
 
 from turbo.checkpoint import load_checkpoint
-from turbo.cli import main
+from turbo.cli import main, output_names
 from turbo.pipeline import Pipeline
+from turbo.preprocess import load_image
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +163,90 @@ def test_no_traceback_in_a_real_process(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("error:")
+
+
+def test_folder_outputs_never_overwrite_each_other_or_the_inputs(files, tiny_base_dir, capsys):
+    assert output_names([Path("a.png"), Path("a.jpg"), Path("a_png.gif"), Path("b.PNG"), Path("B.jpg")]) == {
+        Path("a.png"): "a_png.png", Path("a.jpg"): "a_jpg.png", Path("a_png.gif"): "a_png-2.png",
+        Path("b.PNG"): "b_png.png", Path("B.jpg"): "B_jpg.png",
+    }  # fmt: skip
+    folder = files / "same_stems"
+    folder.mkdir()
+    for i, name in enumerate(["a.png", "a.jpg", "b.png"]):
+        Image.new("RGB", (40, 32), (80 * i, 90, 200)).save(folder / name)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    # refused before the model is even looked up (an unknown one would be named otherwise)
+    argv = ["translate", "--model", "edge_to_picasso", "--input", str(folder), "--base", str(tiny_base_dir)]
+    for same in (folder, folder / ".." / folder.name):
+        code, _, err = run([*argv, "--output", str(same)], capsys)
+        assert code == 2 and err.startswith("error:") and "is the input folder" in err, err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    out = files / "same_stems_out"
+    argv = ["translate", "--model", str(files / "cycle.pkl"), "--input", str(folder), "--output", str(out)]
+    code, stdout, _ = run([*argv, "--base", str(tiny_base_dir), "--prompt", "night"], capsys)
+    assert code == 0 and "wrote 3 images" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["a_jpg.png", "a_png.png", "b.png"]
+    # each output comes from its own input (the three inputs differ, so do the outputs)
+    assert len({Image.open(p).tobytes() for p in out.iterdir()}) == 3
+
+
+def test_bad_outputs_seeds_and_devices_give_one_line_before_any_work(files, tiny_base_dir, tmp_path, capsys):
+    photo = files / "photo.png"
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "a_dir").mkdir()
+    unknown = ["--model", "edge_to_picasso", "--base", str(tiny_base_dir)]  # would fail if looked up
+
+    def to(output, source=photo):
+        return [*unknown, "--input", str(source), "--output", str(output)]
+
+    cases = {
+        "no extension": (to(tmp_path / "out"), "needs an image extension: one of .bmp, .gif, .jpeg, .jpg"),
+        "unknown extension": (to(tmp_path / "o.xyz"), "needs an image extension"),
+        "parent is a file": (to(tmp_path / "a_file" / "o.png"), "a_file is a file, not a folder"),
+        "output is a folder": (to(tmp_path / "a_dir"), "is a folder; give an image file"),
+        "output is the input": (to(photo), "is the input file"),
+        "folder output is a file": (
+            to(tmp_path / "a_file", tmp_path / "a_dir"), "a folder of inputs needs an output folder"
+        ),
+    }  # fmt: skip
+    if not torch.backends.mps.is_available():
+        cases["mps missing"] = (
+            ["--model", str(files / "sketch.pkl"), "--base", str(tiny_base_dir), "--device", "mps",
+             "--input", str(photo), "--output", str(tmp_path / "m.png"), "--prompt", "x"],
+            "MPS (Apple GPU) is not available",
+        )  # fmt: skip
+    if not torch.cuda.is_available():
+        cases["cuda missing"] = (
+            ["--model", str(files / "sketch.pkl"), "--base", str(tiny_base_dir), "--device", "cuda",
+             "--input", str(photo), "--output", str(tmp_path / "c.png"), "--prompt", "x"],
+            "CUDA is not available",
+        )  # fmt: skip
+    for what, (argv, message) in cases.items():
+        code, _, err = run(["translate", *argv], capsys)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and lines[-1].startswith("error:") and message in lines[-1], (what, err)
+        assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_dir", "a_file"]  # nothing written
+    assert (tmp_path / "a_file").read_text() == "x" and photo.read_bytes()[:4] == b"\x89PNG"
+    for seed in ("-1", str(2**32), str(2**70)):
+        with pytest.raises(SystemExit):
+            main(["translate", "--model", "x", "--input", "x", "--output", "x.png", "--seed", seed])
+        assert "--seed: must be in 0..4294967295" in capsys.readouterr().err
+
+
+def test_a_huge_image_is_written_at_its_own_size(files, tiny_base_dir, tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    tall = Image.fromarray(rng.integers(0, 255, (2100, 40, 3), dtype=np.uint8))
+    exif = tall.getexif()
+    exif[274] = 6  # rotate 90 degrees: the image as seen is 2100x40
+    tall.save(tmp_path / "wide.png", exif=exif)
+    argv = ["translate", "--model", str(files / "cycle.pkl"), "--input", str(tmp_path / "wide.png")]
+    argv += ["--output", str(tmp_path / "out.png"), "--base", str(tiny_base_dir), "--prompt", "night"]
+    code, stdout, _ = run(argv, capsys)
+    assert code == 0 and "(2100x40, resized back from 2048x39;" in stdout
+    got = Image.open(tmp_path / "out.png")
+    assert got.size == (2100, 40)
+    pipe = Pipeline(str(tiny_base_dir), device="cpu")
+    small = load_image(tmp_path / "wide.png", max_side=2048)
+    want = pipe.translate(small, files / "cycle.pkl", "night").image.resize((2100, 40), Image.LANCZOS)
+    assert np.array_equal(np.asarray(got), np.asarray(want))

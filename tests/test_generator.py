@@ -4,6 +4,7 @@ import pytest
 import torch
 from reference import RefPaired, RefUnpaired
 
+from turbo import lora
 from turbo.base import load_base
 from turbo.checkpoint import load_checkpoint, save_checkpoint
 from turbo.generator import Generator
@@ -182,6 +183,28 @@ def test_new_model_starts_as_identity_of_base_adapters(setup):
         params = gen.trainable_parameters("fresh")
         assert params and all(p.requires_grad for p in params)
         assert not any(p.requires_grad for p in base.text_encoder.parameters())
+    finally:
+        gen.remove_model("fresh")
+
+
+@pytest.mark.parametrize("kind", ["paired", "unpaired"])
+def test_trainable_parameters_are_the_originals(setup, kind):
+    """LoRA and the first conv always; the skip convs' own weights only for paired models (the
+    original's peft adapter freezes CycleGAN-Turbo's, which then learn through their LoRA alone)."""
+    _, gen, _, _, _, _ = setup
+    m = gen.new_model("fresh", kind=kind)
+    try:
+        params = {id(p) for p in gen.trainable_parameters("fresh")}
+        for d in m.directions:
+            skips = gen.vae.skips[m.vae_id(d)]
+            bases = [skips.base(i).weight for i in range(len(skips.names))]
+            assert len(bases) == 4
+            assert all((id(w) in params) == (kind == "paired") == w.requires_grad for w in bases)
+            lora_ids = {id(p) for p in lora.lora_parameters(gen.vae, m.vae_id(d))}
+            skip_lora = [p for i in range(4) for n, p in skips[i].named_parameters() if "lora_" in n]
+            assert skip_lora and {id(p) for p in skip_lora} <= lora_ids <= params
+        assert {id(p) for p in gen.unet.conv_in.trained[m.id].parameters()} <= params
+        assert len(params) == len(gen.trainable_parameters("fresh"))  # no duplicates
     finally:
         gen.remove_model("fresh")
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import linalg
 from torchvision import transforms
+from training_assets import random_fid_state_dict
 from transformers import ViTConfig, ViTModel
 from transformers.models.vit.modeling_vit import ViTEmbeddings
 
@@ -28,7 +29,6 @@ from training.fid import (
     cached_stats,
     clean_resize,
     fid_between,
-    fid_inception_v3,
     frechet_distance,
     list_image_files,
     load_stats,
@@ -50,18 +50,6 @@ def smooth_image(seed: int, size: tuple[int, int] = (40, 32)) -> Image.Image:
 def colour_shift(img: Image.Image, shift: tuple[int, int, int]) -> Image.Image:
     arr = np.asarray(img).astype(np.int16) + np.array(shift, dtype=np.int16)
     return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-
-
-def random_fid_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
-    """FID Inception weights with He-scaled conv kernels, so random features neither vanish nor explode."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name, value in fid_inception_v3().state_dict().items():
-        if name.endswith("conv.weight"):
-            value = torch.randn(value.shape, generator=g) * math.sqrt(2.0 / value[0].numel())
-        sd[name] = value
-    return sd
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +126,21 @@ def test_fid_identical_sets_zero_and_colour_shift_larger(tmp_path, extractor):
     shifted = frechet_distance(mu, sigma, mu_s, sigma_s)
     assert shifted > 0.1 * scale
     assert shifted > 100 * abs(same)
+
+
+def test_transform_applies_before_the_clean_resize(tmp_path, extractor):
+    """clean-fid's custom_image_tranform: what the original's pix2pix FID resizes with."""
+    images = [smooth_image(i, (48, 32)) for i in range(3)]
+    for i, img in enumerate(images):
+        img.save(tmp_path / f"{i}.png")
+
+    def flip_and_shrink(a):
+        return np.ascontiguousarray(a[::-1, :, :][::2, ::2])
+
+    got = extractor.features(tmp_path, transform=flip_and_shrink)
+    want = extractor.features([flip_and_shrink(np.asarray(img)) for img in images])
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got - extractor.features(tmp_path)).max() > 1e-3
 
 
 def test_fid_between_uses_both_sources_stats():

@@ -9,7 +9,8 @@ from PIL import Image, ImageDraw
 from reference import RefPaired, RefUnpaired
 
 from turbo import preprocess as pp
-from turbo.pipeline import Pipeline, PromptError
+from turbo.base import BaseModelError
+from turbo.pipeline import GammaError, Pipeline, PromptError
 from turbo.registry import RELEASED
 
 
@@ -70,6 +71,34 @@ def test_unpaired_released_model_uses_its_caption_and_direction(pipe):
     assert result.image.size == (72, 56)
 
 
+@pytest.mark.parametrize("name", ["edge_to_image", "sketch_to_image_stochastic", "night_to_day"])
+def test_released_file_given_by_path_is_fed_as_its_released_name(pipe, cache, name):
+    """The original hard-codes each released model's input and caption by name; a user who
+    downloaded the .pkl and passes its path must get the same image."""
+    by_name, by_path = pipe.load(name), pipe.load(cache / RELEASED[name].filename)
+    assert by_path.key != by_name.key
+    for field in ("kind", "stochastic", "input", "image_prep", "default_direction", "default_gamma"):
+        assert getattr(by_path, field) == getattr(by_name, field), field
+    if name == "night_to_day":
+        assert by_path.prompts == {"b2a": "driving in the day"} and by_path.image_prep == "resize_512x512"
+    prompt = None if name == "night_to_day" else "a cat"
+    want = pipe.translate(drawing(), name, prompt, seed=2)
+    got = pipe.translate(drawing(), cache / RELEASED[name].filename, prompt, seed=2)
+    assert (got.prompt, got.direction, got.gamma) == (want.prompt, want.direction, want.gamma)
+    assert np.abs(np.asarray(got.image).astype(int) - np.asarray(want.image)).max() <= 1
+
+
+def test_custom_unpaired_pkl_is_resized_to_512_as_the_original_cli_does(pipe, cache, tmp_path):
+    path = tmp_path / "mine_unpaired.pkl"
+    path.write_bytes((cache / RELEASED["night_to_day"].filename).read_bytes())
+    info = pipe.load(path)
+    assert info.image_prep == "resize_512x512" and info.prompts == {} and info.default_direction == "a2b"
+    x, _ = pipe.prepare(drawing((100, 60)), info)
+    assert x.shape == (1, 3, 512, 512)
+    result = pipe.translate(drawing((100, 60)), path, "driving at night")
+    assert result.image.size == (100, 60)
+
+
 def test_lru_keeps_at_most_max_models(pipe):
     for name in ("edge_to_image", "sketch_to_image_stochastic", "night_to_day"):
         pipe.load(name)
@@ -90,6 +119,33 @@ def test_changed_file_is_reloaded(pipe, tiny_base_dir, tmp_path):
 def test_missing_prompt_for_paired_model(pipe):
     with pytest.raises(PromptError, match="needs a prompt"):
         pipe.translate(drawing(), "edge_to_image", "  ")
+
+
+def test_gamma_is_refused_for_deterministic_models(pipe):
+    for model, prompt in (("edge_to_image", "a cat"), ("night_to_day", None)):
+        with pytest.raises(GammaError, match="translates deterministically"):
+            pipe.translate(drawing(), model, prompt, gamma=0.5)
+    assert pipe.translate(drawing(), "edge_to_image", "a cat", gamma=1.0).gamma == 1.0
+
+
+@pytest.mark.parametrize(("option", "value"), [("max_models", 0), ("max_side", 0)])
+def test_pipeline_refuses_limits_that_would_refuse_everything(tiny_base_dir, option, value):
+    with pytest.raises(ValueError, match=f"{option} must be at least"):
+        Pipeline(str(tiny_base_dir), device="cpu", **{option: value})
+
+
+def test_a_bad_base_says_what_is_wrong_with_it(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "partial" / "unet").mkdir(parents=True)
+    cases = {
+        str(tmp_path / "missing"): "does not exist",
+        "./sd-turbo": "does not exist",
+        str(tmp_path / "file"): "is a file",
+        str(tmp_path / "partial"): "lacks tokenizer, text_encoder, vae, scheduler",
+    }
+    for base, message in cases.items():
+        with pytest.raises(BaseModelError, match=message):
+            Pipeline(base, device="cpu")
 
 
 def test_prompt_embeddings_are_cached(pipe):

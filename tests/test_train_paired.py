@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,11 +17,12 @@ from training_assets import (
     make_tiny_clip,
     max_diff,
     one_thread,  # noqa: F401 (autouse fixture)
+    random_fid_state_dict,
     run_two_processes,
 )
 
 from training.config import ConfigError
-from training.paired import PairedConfig, PairedTrainer, main, train
+from training.paired import PairedConfig, PairedTrainer, fid_resize, main, train
 from training.state import CheckpointWriter, load_state, resolve_checkpoint
 from turbo.base import load_base
 from turbo.checkpoint import load_checkpoint
@@ -76,6 +78,32 @@ def test_training_learns_the_shapes_task(assets, tmp_path):
     assert after["val/psnr"] > before["val/psnr"] + 3.0
     grid = Image.open(tmp_path / "run" / "eval" / "step_00000200.png")
     assert grid.size == (3 * 32, 4 * 32)  # input | output | target, num_grid rows
+
+
+def test_fid_validation_scores_this_steps_images_resized_as_the_original(assets, tmp_path, monkeypatch):
+    """The original resizes targets and outputs to short side 512 before clean-fid; images an
+    interrupted run left in the step's folder must not be scored."""
+    from training import fid
+
+    extractor = fid.FIDExtractor(state_dict=random_fid_state_dict(), batch_size=4, progress=False)
+    seen, compute = [], extractor.compute_stats
+
+    def spy(source, transform=None):
+        seen.append((Path(source).name, sorted(f.name for f in Path(source).iterdir()), transform))
+        return compute(source, transform)
+
+    extractor.compute_stats = spy
+    monkeypatch.setattr(fid, "FIDExtractor", lambda **kwargs: extractor)
+    stale = tmp_path / "run" / "eval" / "fid_00000000"
+    stale.mkdir(parents=True)
+    Image.new("RGB", (32, 32)).save(stale / "val_00099.png")
+    cfg = config(assets, tmp_path / "run", max_steps=1, eval_every=1, track_fid=True, num_eval_samples=-1)
+    result = train(cfg)
+    names = [f"val_{i:05d}.png" for i in range(8)]  # -1: every test image
+    assert [s[:2] for s in seen[1:]] == [("fid_00000000", names), ("fid_00000001", names)]
+    assert seen[0][0] == "test_B" and all(s[2] is fid_resize for s in seen)
+    assert np.isfinite(result.first_metrics["val/fid"]) and np.isfinite(result.metrics["val/fid"])
+    assert fid_resize(np.zeros((32, 48, 3), np.uint8)).shape == (512, 768, 3)
 
 
 def test_resume_matches_an_uninterrupted_run(assets, tmp_path):

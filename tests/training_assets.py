@@ -156,11 +156,8 @@ def make_tiny_dino(folder: Path) -> Path:
     return folder
 
 
-def random_fid_weights(path: Path, seed: int = 0) -> Path:
-    """A random FID Inception state dict written to `path` (what --fid-weights reads).
-
-    Conv kernels are He-scaled so the random features neither vanish nor explode.
-    """
+def random_fid_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random FID Inception weights; conv kernels He-scaled so the features neither vanish nor explode."""
     from training.fid import fid_inception_v3
 
     torch.manual_seed(seed)
@@ -170,7 +167,12 @@ def random_fid_weights(path: Path, seed: int = 0) -> Path:
         if name.endswith("conv.weight"):
             value = torch.randn(value.shape, generator=g) * (2.0 / value[0].numel()) ** 0.5
         state[name] = value
-    torch.save(state, path)
+    return state
+
+
+def random_fid_weights(path: Path, seed: int = 0) -> Path:
+    """`random_fid_state_dict` written to `path` (what --fid-weights reads)."""
+    torch.save(random_fid_state_dict(seed), path)
     return path
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from turbo.base import DEFAULT_BASE
-from turbo.preprocess import IMAGE_PREPS
+from turbo.preprocess import EVAL_IMAGE_PREPS, IMAGE_PREPS
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -64,7 +64,7 @@ class CommonConfig:
     publish_to: str | None = None
     name: str | None = None
     eval_every: int = 100
-    num_eval_samples: int = 100
+    num_eval_samples: int = 100  # -1: every test input (as the original's unpaired validation)
     eval_batch_size: int = 4
     num_grid: int = 4
     track_fid: bool = False
@@ -78,16 +78,13 @@ class CommonConfig:
         for f in positive:
             if getattr(self, f) < 1:
                 raise ConfigError(f"--{f.replace('_', '-')} must be at least 1, got {getattr(self, f)}")
-        for f in (
-            "checkpoint_every",
-            "keep_last",
-            "eval_every",
-            "num_eval_samples",
-            "num_grid",
-            "num_workers",
-        ):
+        for f in ("checkpoint_every", "keep_last", "eval_every", "num_grid", "num_workers"):
             if getattr(self, f) < 0:
                 raise ConfigError(f"--{f.replace('_', '-')} must be 0 or more, got {getattr(self, f)}")
+        if self.num_eval_samples < -1:
+            raise ConfigError(
+                f"--num-eval-samples must be -1 (all), 0 (none) or more, got {self.num_eval_samples}"
+            )
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         for f, valid in (
@@ -102,6 +99,11 @@ class CommonConfig:
                 raise ConfigError(
                     f"--{f.replace('_', '-')} {getattr(self, f)!r} is not one of {', '.join(valid)}"
                 )
+        if self.test_image_prep not in EVAL_IMAGE_PREPS:  # it is also the published model's preparation
+            raise ConfigError(
+                f"--test-image-prep must be deterministic ({', '.join(EVAL_IMAGE_PREPS)}), "
+                f"got {self.test_image_prep!r}"
+            )
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,7 +168,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g = parser.add_argument_group("validation and logging")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="steps; 0: no validation")
-    g.add_argument("--num-eval-samples", type=int, default=d.num_eval_samples)
+    g.add_argument(
+        "--num-eval-samples", type=int, default=d.num_eval_samples, help="test inputs; -1: all, 0: none"
+    )
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     g.add_argument("--num-grid", type=int, default=d.num_grid, help="rows (input | output | target) per grid")
     g.add_argument(

@@ -27,7 +27,7 @@ import glob
 import logging
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +51,7 @@ FEATURE_DIM = 2048
 
 ImageItem = Image.Image | np.ndarray | str | os.PathLike
 ImageSource = str | os.PathLike | Sequence[ImageItem]
+ImageTransform = Callable[[np.ndarray], np.ndarray]  # uint8 (H, W, 3) -> uint8 (h, w, 3)
 
 
 class FIDInputError(ValueError):
@@ -106,14 +107,16 @@ def clean_resize(image: np.ndarray) -> np.ndarray:
 class _CleanImages(torch.utils.data.Dataset):
     """Loads and clean-resizes images; the resize is the slow part, so it runs in DataLoader workers."""
 
-    def __init__(self, items: Sequence[ImageItem]):
+    def __init__(self, items: Sequence[ImageItem], transform: ImageTransform | None = None):
         self.items = list(items)
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        resized = clean_resize(load_image(self.items[index]))
+        image = load_image(self.items[index])
+        resized = clean_resize(image if self.transform is None else self.transform(image))
         return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
 
 
@@ -177,13 +180,22 @@ class FIDExtractor:
         self.num_workers = num_workers
         self.progress = progress
 
-    def features(self, source: ImageSource, description: str = "FID features") -> np.ndarray:
-        """float32 features (N, 2048) of a folder or a list of images (see `load_image`)."""
+    def features(
+        self,
+        source: ImageSource,
+        description: str = "FID features",
+        transform: ImageTransform | None = None,
+    ) -> np.ndarray:
+        """float32 features (N, 2048) of a folder or a list of images (see `load_image`).
+
+        transform: applied to each uint8 (H, W, 3) image before the clean resize (clean-fid's
+        `custom_image_tranform`)."""
         items = list_image_files(source) if isinstance(source, str | os.PathLike) else list(source)
         if not items:
             raise FIDInputError(f"no images in {source}")
+        images = _CleanImages(items, transform)
         loader = torch.utils.data.DataLoader(
-            _CleanImages(items), batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
+            images, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers
         )
         feats = []
         with torch.no_grad():
@@ -192,9 +204,11 @@ class FIDExtractor:
                 feats.append(self.model(x).reshape(len(batch), FEATURE_DIM).float().cpu().numpy())
         return np.concatenate(feats)
 
-    def compute_stats(self, source: ImageSource) -> tuple[np.ndarray, np.ndarray]:
+    def compute_stats(
+        self, source: ImageSource, transform: ImageTransform | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(mu (2048,) float32, sigma (2048, 2048) float64) of a folder or a list of images."""
-        return stats_from_features(self.features(source))
+        return stats_from_features(self.features(source, transform=transform))
 
 
 def stats_from_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -288,7 +302,10 @@ def load_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cached_stats(
-    source: ImageSource, extractor: FIDExtractor, cache_path: str | os.PathLike
+    source: ImageSource,
+    extractor: FIDExtractor,
+    cache_path: str | os.PathLike,
+    transform: ImageTransform | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Statistics from `cache_path` if it exists, else computed and saved there.
 
@@ -297,7 +314,7 @@ def cached_stats(
     if os.path.exists(cache_path):
         logger.info("FID: reference statistics from %s", cache_path)
         return load_stats(cache_path)
-    mu, sigma = extractor.compute_stats(source)
+    mu, sigma = extractor.compute_stats(source, transform)
     save_stats(cache_path, mu, sigma)
     return mu, sigma
 

@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision import transforms
 
 from training.config import CommonConfig, ConfigError, add_common_arguments, config_from_args
 from training.data import PairedDataset
@@ -37,10 +41,12 @@ from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_traini
 from turbo.base import BaseModel, load_base
 from turbo.checkpoint import TurboCheckpoint, load_checkpoint
 from turbo.generator import Generator
+from turbo.preprocess import to_pil
 
 logger = logging.getLogger(__name__)
 
 MODEL = "train"  # the name of the model being trained inside the Generator
+FID_SHORT_SIDE = 512  # the original's --resolution default
 INPUT_KINDS = ("auto", "canny", "sketch", "none")
 
 
@@ -130,7 +136,7 @@ class PairedTrainer(Trainer):
         rt, dev = self.rt, self.rt.device
         self.train_set = PairedDataset(cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed)
         self.val_set = None
-        if cfg.eval_every > 0 and cfg.num_eval_samples > 0:
+        if cfg.eval_every > 0 and cfg.num_eval_samples != 0:
             if (Path(cfg.dataset) / "test_A").is_dir():
                 self.val_set = PairedDataset(cfg.dataset, "test", cfg.test_image_prep, seed=cfg.seed)
             else:
@@ -323,7 +329,9 @@ class PairedTrainer(Trainer):
 
     def _evaluate_main(self) -> dict[str, float]:
         cfg, dev = self.cfg, self.rt.device
-        count = min(cfg.num_eval_samples, len(self.val_set))
+        count = len(self.val_set)
+        if cfg.num_eval_samples >= 0:
+            count = min(cfg.num_eval_samples, count)
         bs = 1 if cfg.test_image_prep == "no_resize" else cfg.eval_batch_size
         subset = torch.utils.data.Subset(self.val_set, range(count))
         loader = torch.utils.data.DataLoader(subset, batch_size=bs, shuffle=False, num_workers=0)
@@ -331,10 +339,12 @@ class PairedTrainer(Trainer):
         sums = {"val/l2": 0.0, "val/lpips": 0.0, "val/psnr": 0.0}
         if self.clip is not None:
             sums["val/clipsim"] = 0.0
-        rows, fid_dir = [], None
+        rows, fid_dir, written = [], None, 0
         if cfg.track_fid:
             fid_dir = Path(cfg.output) / "eval" / f"fid_{self.step:08d}"
-            fid_dir.mkdir(parents=True, exist_ok=True)
+            # a run resumed from before this step, or a reused output folder, left older images here
+            shutil.rmtree(fid_dir, ignore_errors=True)
+            fid_dir.mkdir(parents=True)
         for batch in loader:
             x = batch["conditioning_pixel_values"].to(dev)
             y = batch["output_pixel_values"].to(dev)
@@ -357,9 +367,8 @@ class PairedTrainer(Trainer):
                 if len(rows) < cfg.num_grid:
                     rows.append([x[j].cpu() * 2 - 1, pred[j].cpu(), y[j].cpu()])
                 if fid_dir is not None:
-                    from turbo.preprocess import to_pil
-
-                    to_pil(pred[j]).save(fid_dir / f"val_{len(list(fid_dir.iterdir())):05d}.png")
+                    to_pil(pred[j]).save(fid_dir / f"val_{written:05d}.png")
+                    written += 1
         metrics = {k: v / count for k, v in sums.items()}
         if rows:
             save_grid(rows, Path(cfg.output) / "eval" / f"step_{self.step:08d}.png")
@@ -375,10 +384,18 @@ class PairedTrainer(Trainer):
         ref = cached_stats(
             str(Path(self.cfg.dataset) / "test_B"),
             self._fid_extractor,
-            Path(self.cfg.output) / "eval" / "fid_ref.npz",
+            Path(self.cfg.output) / "eval" / "fid_ref_512.npz",
+            fid_resize,
         )
-        mu, sigma = self._fid_extractor.compute_stats(str(folder))
+        mu, sigma = self._fid_extractor.compute_stats(str(folder), fid_resize)
         return frechet_distance(mu, sigma, *ref)
+
+
+def fid_resize(image: np.ndarray) -> np.ndarray:
+    """The original's FID preparation of targets and outputs alike: short side to 512 (its
+    `--resolution`), LANCZOS, before clean-fid's own resize. uint8 (H, W, 3) -> uint8 (h, w, 3)."""
+    resize = transforms.Resize(FID_SHORT_SIDE, interpolation=transforms.InterpolationMode.LANCZOS)
+    return np.asarray(resize(Image.fromarray(image)))
 
 
 def train(cfg: PairedConfig) -> TrainResult:

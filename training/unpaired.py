@@ -69,6 +69,9 @@ class UnpairedConfig(CommonConfig):
     test_image_prep: str = "no_resize"
     batch_size: int = 1
     lr: float = 1e-5
+    max_steps: int = 25_000  # the original has no default; its horse2zebra recipe trains 25,000 steps
+    eval_every: int = 500
+    num_eval_samples: int = -1  # every test image
     max_grad_norm: float = 10.0
     lambda_gan: float = 0.5
     lambda_idt: float = 1.0
@@ -101,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = UnpairedConfig("", "")
     # The shared parser's defaults are the paired ones; the unpaired defaults replace them.
     p.set_defaults(
-        lr=d.lr, max_grad_norm=d.max_grad_norm, batch_size=d.batch_size,
+        lr=d.lr, max_grad_norm=d.max_grad_norm, batch_size=d.batch_size, max_steps=d.max_steps,
         train_image_prep=d.train_image_prep, test_image_prep=d.test_image_prep,
+        eval_every=d.eval_every, num_eval_samples=d.num_eval_samples,
     )  # fmt: skip
     g = p.add_argument_group("unpaired objective and model")
     g.add_argument("--lambda-gan", type=float, default=d.lambda_gan)
@@ -181,7 +185,7 @@ class UnpairedTrainer(Trainer):
         self.disc_ddp = {"a": disc_a, "b": disc_b}
         self._setup_data(self.train_set)
         self.evaluators: dict[str, Evaluator] = {}
-        if rt.is_main and cfg.eval_every > 0 and cfg.num_eval_samples > 0:
+        if rt.is_main and cfg.eval_every > 0 and cfg.num_eval_samples != 0:
             self._build_evaluators()
         rt.barrier()
         self._start()  # resume; from here on, each process its own augmentations
@@ -317,7 +321,7 @@ class UnpairedTrainer(Trainer):
         fid, dino = build_metrics(not cfg.track_fid, not cfg.track_dino, cfg.dino_model, cfg.fid_weights,
                                   self.rt.device)  # fmt: skip
         self.evaluators = {
-            d: Evaluator(cfg.dataset, d, cfg.test_image_prep, fid, dino, cfg.num_eval_samples)
+            d: Evaluator(cfg.dataset, d, cfg.test_image_prep, fid, dino, max(cfg.num_eval_samples, 0))
             for d in ("a2b", "b2a")
         }
 

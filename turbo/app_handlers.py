@@ -26,8 +26,8 @@ from turbo.base import BaseModelError
 from turbo.checkpoint import CheckpointError
 from turbo.download import DownloadError
 from turbo.models_folder import FolderModel, ModelsFolder, UploadError
-from turbo.pipeline import GammaError, Pipeline, PromptError, Translation, get_pipeline
-from turbo.preprocess import ImageError, load_image
+from turbo.pipeline import MAX_SEED, GammaError, Pipeline, PromptError, Translation, get_pipeline
+from turbo.preprocess import ImageError, load_image, load_image_limited
 from turbo.registry import RELEASED, STYLES, UnknownModelError, styled_prompt
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,24 @@ KEEP_OUTPUTS = 32  # result files kept for the download button
 
 class MissingInputError(ImageError):
     """Nothing to translate yet: an empty canvas or no upload."""
+
+
+class SeedError(ValueError):
+    """A seed that is not a whole number in 0..MAX_SEED."""
+
+
+def parse_seed(value: float | str | None) -> int:
+    """The seed box's value as an int in 0..MAX_SEED (empty: 0); SeedError otherwise."""
+    if value is None or value == "":
+        return 0
+    try:
+        seed = int(value)
+        whole = float(seed) == float(value)
+    except (TypeError, ValueError, OverflowError):  # text, NaN, infinity
+        whole = False
+    if not whole or not 0 <= seed <= MAX_SEED:
+        raise SeedError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {value}")
+    return seed
 
 
 @dataclass(frozen=True)
@@ -305,9 +323,8 @@ class TurboApp:
             return image, ""
         if upload is None or (isinstance(upload, str) and not upload):
             raise MissingInputError("no image yet: upload one (or paste it from the clipboard)")
-        size = _header_size(upload)
-        image = load_image(upload, max_side=self.max_side)
-        if size is not None and max(size) > self.max_side:
+        image, size = load_image_limited(upload, self.max_side)  # size as the user sees it (EXIF rotated)
+        if image.size != size:
             return image, f" (downscaled from {size[0]}x{size[1]} to {image.width}x{image.height})"
         return image, ""
 
@@ -324,13 +341,14 @@ class TurboApp:
         canny_low: float = 100,
         canny_high: float = 200,
     ) -> tuple:
-        """Translate the current input. source: "sketch" | "upload".
+        """Translate the current input. source: "sketch" | "upload"; seed: 0..MAX_SEED (empty: 0).
 
         Returns (output image or None, condition image or None, result file path or None, status
         text, source). Errors come back as a status message (and a warning); nothing is raised.
         """
         try:
             c = self.choice(label)
+            seed = parse_seed(seed)
             image, note = self.input_image(source, sketch, upload)
         except MissingInputError as e:  # a hint, not a fault: live events would pop it up repeatedly
             return None, None, None, f"ℹ️ {html.escape(str(e))}", source
@@ -345,7 +363,7 @@ class TurboApp:
             result = gpu_translate(
                 self.pipeline_key, image, c.model, prompt=text or None, direction=c.direction,
                 gamma=float(gamma) if c.stochastic and gamma is not None else None,
-                seed=int(seed or 0), canny_low=int(canny_low), canny_high=int(canny_high),
+                seed=seed, canny_low=int(canny_low), canny_high=int(canny_high),
             )  # fmt: skip
         except USER_ERRORS as e:
             if isinstance(e, CheckpointError) and not c.released:
@@ -359,7 +377,7 @@ class TurboApp:
         path = self._save(result.image, c)
         status = f"Done in **{result.seconds:.2f} s** with `{html.escape(c.label)}`{note}."
         if c.stochastic:
-            status += f" Gamma {result.gamma:.2f}, seed {int(seed or 0)}."
+            status += f" Gamma {result.gamma:.2f}, seed {seed}."
         return result.image, result.condition, str(path), status, source
 
     def _save(self, image: Image.Image, c: Choice) -> Path:
@@ -378,14 +396,3 @@ def _has_sketch(sketch) -> bool:
     if not isinstance(composite, Image.Image):
         return False
     return bool(np.asarray(composite.convert("L")).min() < 128)
-
-
-def _header_size(source) -> tuple[int, int] | None:
-    """The image's size from its header (cheap), or None when it cannot be read (load_image says why)."""
-    if isinstance(source, Image.Image):
-        return source.size
-    try:
-        with Image.open(source) as im:
-            return im.size
-    except Exception:
-        return None

@@ -96,11 +96,15 @@ class BaseModel:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`None`/"auto" -> cuda, then mps, then cpu; otherwise the named device (validated)."""
+    """`None`/"auto" -> cuda, then mps, then cpu; otherwise the named device.
+
+    BaseModelError when the name is not a device or its backend is absent here (cuda without CUDA or
+    with fewer GPUs than the index, mps without MPS).
+    """
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -109,7 +113,20 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
         raise BaseModelError(f"unknown device {device!r}") from e
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise BaseModelError(f"device {device!r} was asked for but CUDA is not available on this machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise BaseModelError(
+            f"device {device!r} was asked for but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    if dev.type == "mps" and not _mps_available():
+        raise BaseModelError(
+            f"device {device!r} was asked for but MPS (Apple GPU) is not available on this machine"
+        )
     return dev
+
+
+def _mps_available() -> bool:
+    # torch builds without MPS lack torch.backends.mps on some versions
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -127,6 +144,9 @@ def _load_parts(source: str, dtype: torch.dtype):
     is_dir = Path(source).is_dir()
     if not is_dir and Path(source).exists():
         raise BaseModelError(f"--base {source!r} is a file; give a hub id or a diffusers folder")
+    # a hub id is "owner/name": anything else that names no folder was meant as a local path
+    if not is_dir and (source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source):
+        raise BaseModelError(f"base folder {source} does not exist (and it is not a hub id like owner/name)")
     if is_dir:
         missing = [
             p

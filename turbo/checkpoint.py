@@ -23,6 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from turbo.preprocess import EVAL_IMAGE_PREPS
+
 FORMAT_VERSION = 1
 KINDS = ("paired", "unpaired")
 INPUTS = ("canny", "sketch", "none", "unpaired")
@@ -70,6 +72,11 @@ class TurboCheckpoint:
             raise CheckpointError(f"{where}: kind must be one of {KINDS}, got {self.kind!r}")
         if self.input not in INPUTS:
             raise CheckpointError(f"{where}: input must be one of {INPUTS}, got {self.input!r}")
+        if self.image_prep is not None and self.image_prep not in EVAL_IMAGE_PREPS:
+            raise CheckpointError(
+                f"{where}: image_prep must be one of {', '.join(EVAL_IMAGE_PREPS)} (deterministic), "
+                f"got {self.image_prep!r}"
+            )
         if not self.vae or any(d not in DIRECTIONS for d in self.vae):
             raise CheckpointError(f"{where}: VAE directions must be among {DIRECTIONS}, got {list(self.vae)}")
         if self.stochastic and "conv_in_pretrained.weight" not in self.unet:
@@ -170,8 +177,9 @@ def load_checkpoint(path: str | Path) -> TurboCheckpoint:
         raise CheckpointError(f"no such checkpoint file: {path}")
     with open(path, "rb") as f:
         head = f.read(8)
-    # safetensors starts with a little-endian u64 header length; torch.save files are zip archives
-    # ("PK") or legacy pickles (0x80).
-    if path.suffix == ".safetensors" or (len(head) == 8 and head[:2] not in (b"PK",) and head[0] != 0x80):
+    # Other suffixes are sniffed: safetensors starts with a little-endian u64 header length;
+    # torch.save files are zip archives ("PK") or legacy pickles (0x80).
+    sniffed = len(head) == 8 and head[:2] != b"PK" and head[0] != 0x80
+    if path.suffix == ".safetensors" or (path.suffix != ".pkl" and sniffed):
         return _load_safetensors(path)
     return load_original_pkl(path)

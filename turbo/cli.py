@@ -10,28 +10,43 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections import Counter
 from pathlib import Path
 
+from PIL import Image
 from tqdm import tqdm
 
 from turbo.base import DEFAULT_BASE, DTYPES, BaseModelError
 from turbo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from turbo.download import DownloadError
-from turbo.pipeline import GammaError, Pipeline, PromptError
-from turbo.preprocess import ImageError, load_image
+from turbo.pipeline import MAX_SEED, GammaError, Pipeline, PromptError
+from turbo.preprocess import EVAL_IMAGE_PREPS, ImageError, load_image_limited, restore_size
 from turbo.registry import RELEASED, UnknownModelError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+# Pillow may be built without a writer for some of them (webp)
+OUTPUT_SUFFIXES = sorted(s for s in IMAGE_SUFFIXES if Image.registered_extensions().get(s) in Image.SAVE)
 USER_ERRORS = (
     ImageError, CheckpointError, UnknownModelError, PromptError, GammaError, DownloadError, BaseModelError,
     FileNotFoundError, ValueError,
 )  # fmt: skip
 
 
+class OutputError(ValueError):
+    """An --output that cannot be written, or would overwrite the input."""
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in 0..{MAX_SEED} (2**32 - 1), got {text}")
     return value
 
 
@@ -45,13 +60,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help=f"a released model ({', '.join(RELEASED)}) or a checkpoint file"
     )
     t.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
-    t.add_argument("--output", required=True, type=Path, help="output file (or folder, for a folder input)")
+    t.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help=f"output image ({', '.join(OUTPUT_SUFFIXES)}), or a folder for a folder input",
+    )
     t.add_argument("--prompt", help="text prompt (paired models need one; unpaired ones use their caption)")
     t.add_argument(
         "--direction", choices=["a2b", "b2a"], help="for unpaired checkpoints (default: the model's)"
     )
-    t.add_argument("--gamma", type=float, help="0..1, stochastic mode of paired models (sketch default 0.4)")
-    t.add_argument("--seed", type=int, default=42, help="seed of the noise map in stochastic mode")
+    t.add_argument("--gamma", type=float, help="0..1, for stochastic models (sketch default 0.4)")
+    t.add_argument(
+        "--seed", type=_seed, default=42, help=f"0..{MAX_SEED}, seed of the noise map in stochastic mode"
+    )
     t.add_argument("--base", default=DEFAULT_BASE, help="base model: hub id or local diffusers folder")
     t.add_argument("--device", default=None, help="cuda, mps, cpu (default: the best available)")
     t.add_argument(
@@ -81,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--input-kind", choices=["canny", "sketch", "none"], help="paired: how inputs are prepared"
     )
-    c.add_argument("--image-prep", help="unpaired: image preparation, e.g. resize_512x512")
+    c.add_argument("--image-prep", choices=EVAL_IMAGE_PREPS, help="unpaired: image preparation")
     c.add_argument("--base-model", default=DEFAULT_BASE, help="base model id recorded in the file")
     return parser
 
@@ -90,11 +112,57 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
+def output_names(paths: list[Path]) -> dict[Path, str]:
+    """The output file name of each input of a folder: `<stem>.png`, or `<stem>_<ext>.png` for inputs
+    that share their stem (a.png, a.jpg -> a_png.png, a_jpg.png), with `-2`, `-3`... if that still
+    clashes, so no output overwrites another. Clashes ignore case, as macOS and Windows file systems do.
+    """
+    stems = Counter(p.stem.casefold() for p in paths)
+    names: dict[Path, str] = {}
+    taken: set[str] = set()
+    for path in paths:
+        name = path.stem if stems[path.stem.casefold()] == 1 else f"{path.stem}_{path.suffix[1:].lower()}"
+        unique, n = name, 1
+        while unique.casefold() in taken:
+            n += 1
+            unique = f"{name}-{n}"
+        taken.add(unique.casefold())
+        names[path] = f"{unique}.png"
+    return names
+
+
+def check_output(source: Path, output: Path) -> None:
+    """Refuse an --output that cannot be written or would overwrite the input (OutputError), before
+    any model loads: loading and translating can take minutes."""
+    if output.resolve() == source.resolve():
+        what = "folder" if source.is_dir() else "file"
+        raise OutputError(
+            f"--output {output} is the input {what}: the results would overwrite the inputs; "
+            f"choose another {what}"
+        )
+    for parent in output.parents:  # the nearest existing one is where the output gets created
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"cannot write {output}: {parent} is a file, not a folder")
+            break
+    if source.is_dir():
+        if output.exists() and not output.is_dir():
+            raise OutputError(f"--output {output} is a file; a folder of inputs needs an output folder")
+        return
+    if output.is_dir():
+        raise OutputError(
+            f"--output {output} is a folder; give an image file, e.g. {output / (source.stem + '.png')}"
+        )
+    if output.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise OutputError(f"--output {output} needs an image extension: one of {', '.join(OUTPUT_SUFFIXES)}")
+
+
 def translate(args: argparse.Namespace) -> int:
     if not args.input.exists():
         raise FileNotFoundError(f"no such input: {args.input}")
     if args.gamma is not None and not 0.0 <= args.gamma <= 1.0:
         raise GammaError(f"--gamma must be in [0, 1], got {args.gamma}")
+    check_output(args.input, args.output)
     Pipeline.resolve(args.model)  # an unknown model fails before the base loads
     pipe = Pipeline(
         args.base, args.device, args.dtype, max_models=1, fast=not args.plain, compile=args.compile
@@ -109,56 +177,74 @@ def translate(args: argparse.Namespace) -> int:
         images = _images_in(args.input)
         if not images:
             raise ImageError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {args.input}")
-        args.output.mkdir(parents=True, exist_ok=True)
-        failed = 0
+        _make_folder(args.output)
+        names = output_names(images)
+        failed = smaller = 0
         window = 4 * args.batch_size  # images read at a time, grouped by size into batches
         with tqdm(total=len(images), desc="translating", unit="img") as bar:
             for first in range(0, len(images), window):
-                failed += _translate_window(pipe, images[first : first + window], args, kwargs)
+                f, s = _translate_window(pipe, images[first : first + window], names, args, kwargs)
+                failed, smaller = failed + f, smaller + s
                 bar.update(len(images[first : first + window]))
-        print(
-            f"wrote {len(images) - failed} images to {args.output}"
-            + (f" ({failed} skipped)" if failed else "")
-        )
+        skipped = f" ({failed} skipped)" if failed else ""
+        resized = f"; {smaller} over {pipe.max_side} px translated smaller, resized back" if smaller else ""
+        print(f"wrote {len(images) - failed} images to {args.output}{skipped}{resized}")
         return 1 if failed else 0
-    result = pipe.translate(load_image(args.input, pipe.max_side), **kwargs)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(args.output)
-    print(f"wrote {args.output} ({result.seconds:.2f} s)")
+    image, size = load_image_limited(args.input, pipe.max_side)
+    result = pipe.translate(image, **kwargs)
+    _make_folder(args.output.parent)
+    _save(restore_size(result.image, size), args.output)
+    # the downscale itself was logged when the image loaded; say what the file holds
+    note = f", resized back from {image.width}x{image.height}" if image.size != size else ""
+    print(f"wrote {args.output} ({size[0]}x{size[1]}{note}; {result.seconds:.2f} s)")
     return 0
 
 
-def _translate_window(pipe: Pipeline, paths: list[Path], args: argparse.Namespace, kwargs: dict) -> int:
-    """Translate `paths` in batches, writing `<stem>.png` files; returns how many were skipped."""
+def _translate_window(
+    pipe: Pipeline, paths: list[Path], names: dict[Path, str], args: argparse.Namespace, kwargs: dict
+) -> tuple[int, int]:
+    """Translate `paths` in batches, writing each at its own size as `names[path]` in the output
+    folder; returns (how many were skipped, how many were translated at a smaller size)."""
     loaded = []
     for path in paths:
         try:
-            loaded.append((path, load_image(path, pipe.max_side)))
+            loaded.append((path, *load_image_limited(path, pipe.max_side)))
         except ImageError as e:
-            tqdm.write(f"skipped: {e}")
+            tqdm.write(f"skipped {path.name}: {e}")
     try:
-        results = pipe.translate_batch([im for _, im in loaded], batch_size=args.batch_size, **kwargs)
+        results = pipe.translate_batch([im for _, im, _ in loaded], batch_size=args.batch_size, **kwargs)
     except ImageError:  # one bad image: find it by translating one at a time
         results = []
-        for _, image in loaded:
+        for path, image, _ in loaded:
             try:
                 results.append(pipe.translate(image, **kwargs))
             except ImageError as e:
-                tqdm.write(f"skipped: {e}")
+                tqdm.write(f"skipped {path.name}: {e}")
                 results.append(None)
-    for (path, _), result in zip(loaded, results, strict=True):
+    smaller = 0
+    for (path, image, size), result in zip(loaded, results, strict=True):
         if result is not None:
-            result.image.save(args.output / f"{path.stem}.png")
-    return len(paths) - sum(r is not None for r in results)
+            _save(restore_size(result.image, size), args.output / names[path])
+            smaller += image.size != size
+    return len(paths) - sum(r is not None for r in results), smaller
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # permission denied, or a file created in the way since check_output
+        raise OutputError(f"cannot create the folder {folder}: {e.strerror or e}") from e
+
+
+def _save(image: Image.Image, path: Path) -> None:
+    try:
+        image.save(path)
+    except OSError as e:  # permission denied, disk full
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 def convert(args: argparse.Namespace) -> int:
-    ckpt = load_checkpoint(args.input)
-    released = next((m for m in RELEASED.values() if m.filename == args.input.name), None)
-    if released is not None:  # fill in what the original code hard-codes for its released files
-        ckpt.input, ckpt.image_prep = released.preprocess, released.image_prep
-        if released.caption:
-            ckpt.prompts[released.direction] = released.caption
+    ckpt = load_checkpoint(args.input)  # a released file gets what the original hard-codes for it
     if ckpt.kind == "paired":
         if args.prompt:
             ckpt.prompts["a2b"] = args.prompt

@@ -198,8 +198,7 @@ class Generator(nn.Module):
                     key = f"decoder.{sname}.weight"
                     if key not in sd:
                         raise KeyError(f"direction {d} lacks {key}")
-                    conv_i = skips[i].get_base_layer() if hasattr(skips[i], "get_base_layer") else skips[i]
-                    _copy(conv_i.weight, sd[key], f"{where}: vae {d} {key}")
+                    _copy(skips.base(i).weight, sd[key], f"{where}: vae {d} {key}")
 
     def remove_model(self, name: str) -> None:
         """Unload a model: its LoRA layers, skip convs and first conv are deleted."""
@@ -216,14 +215,23 @@ class Generator(nn.Module):
 
     # ---- training and export ----
     def trainable_parameters(self, name: str) -> list[nn.Parameter]:
-        """What the paper trains: UNet/VAE LoRA, the first conv and the skip convs (made trainable)."""
+        """What the original trains: UNet/VAE LoRA and the first conv; a paired model's skip convs too.
+
+        An unpaired model's skip convs keep their initial weights and learn through their LoRA
+        alone: the original makes them trainable and then adds the VAE adapter with peft, which
+        freezes every weight that is not LoRA (pix2pix-turbo turns them back on, CycleGAN-Turbo not).
+        """
         self.unfold()
         m = self.models[name]
         params = lora.lora_parameters(self.unet, m.id) + list(self.unet.conv_in.trained[m.id].parameters())
         for d in m.directions:
-            params += lora.lora_parameters(self.vae, m.vae_id(d)) + list(
-                self.vae.skips[m.vae_id(d)].parameters()
-            )
+            params += lora.lora_parameters(self.vae, m.vae_id(d))
+            skips = self.vae.skips[m.vae_id(d)]
+            for i in range(len(skips.names)):
+                weight = skips.base(i).weight
+                weight.requires_grad_(m.kind == "paired")
+                if m.kind == "paired":
+                    params.append(weight)
         seen, out = set(), []
         for p in params:
             if id(p) not in seen:
@@ -260,8 +268,7 @@ class Generator(nn.Module):
             }
             skips = self.vae.skips[vid]
             for i, sname in enumerate(skips.names):
-                conv_i = skips[i].get_base_layer() if hasattr(skips[i], "get_base_layer") else skips[i]
-                sd[f"decoder.{sname}.weight"] = conv_i.weight.detach()
+                sd[f"decoder.{sname}.weight"] = skips.base(i).weight.detach()
             vae[d] = sd
         ckpt = TurboCheckpoint(
             kind=m.kind, stochastic=m.stochastic, rank_unet=m.rank_unet, alpha_unet=m.alpha_unet,

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from turbo.checkpoint import CheckpointError, TurboCheckpoint
+from turbo.registry import RELEASED
 
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default lora_alpha, which the paired models were trained with
 PAIRED_KEYS = {"rank_unet", "rank_vae", "state_dict_unet", "state_dict_vae"}
@@ -35,16 +36,25 @@ def _strip_adapter(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
+def _first_line(e: Exception) -> str:
+    return next(iter(str(e).splitlines()), "") or type(e).__name__  # an empty file's EOFError is blank
+
+
 def _read(path: Path) -> dict:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes zip archives ("PK"); older files are pickles (protocol 2+: 0x80)
+    if head[:2] != b"PK" and head[:1] != b"\x80":
+        raise CheckpointError(f"{path}: not a readable checkpoint (neither a torch zip archive nor a pickle)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused: the file holds objects other than tensors and plain data "
-            f"(turbo never unpickles arbitrary code). {str(e).splitlines()[0]}"
+            f"(turbo never unpickles arbitrary code). {_first_line(e)}"
         ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from e
+    except Exception as e:  # garbage makes the unpickler fail in many ways (IndexError, KeyError, ...)
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
     return sd
@@ -101,24 +111,47 @@ def _unpaired(sd: dict, path: Path) -> TurboCheckpoint:
         unet=unet,
         vae=vae,
         input="unpaired",
+        image_prep="resize_512x512",  # the default of the original's unpaired CLI
         source=str(path),
     )
 
 
+def _released_conventions(ckpt: TurboCheckpoint, filename: str) -> None:
+    """What the original code hard-codes per released model, and not in the file: its input
+    (Canny edges, sketch) and, for unpaired models, the caption of the direction it runs."""
+    released = next((m for m in RELEASED.values() if m.filename == filename), None)
+    if released is None:
+        return
+    ckpt.input, ckpt.image_prep = released.preprocess, released.image_prep
+    if released.caption:
+        ckpt.prompts[released.direction] = released.caption
+
+
 def load_original_pkl(path: str | Path) -> TurboCheckpoint:
-    """Read one of the original `.pkl` layouts with `torch.load(weights_only=True)`."""
+    """Read one of the original `.pkl` layouts with `torch.load(weights_only=True)`.
+
+    A released file (by its released name, e.g. `edge_to_image_loras.pkl`) is fed as the original
+    feeds it; any other paired file gets the image as given and an unpaired one a 512x512 resize,
+    as the original's CLI does for a custom `--model_path`.
+    """
     path = Path(path)
     sd = _read(path)
     keys = set(sd)
-    if UNPAIRED_KEYS <= keys:
-        ckpt = _unpaired(sd, path)
-    elif PAIRED_KEYS <= keys:
-        ckpt = _paired(sd, path)
-    else:
+    if not (UNPAIRED_KEYS <= keys or PAIRED_KEYS <= keys):
         raise CheckpointError(
             f"{path}: not an img2img-turbo checkpoint: expected the keys of a paired model "
             f"({', '.join(sorted(PAIRED_KEYS))}) or of an unpaired one; "
             f"found {', '.join(sorted(map(str, keys))[:8])}"
         )
+    layout = "unpaired" if UNPAIRED_KEYS <= keys else "paired"
+    try:
+        ckpt = _unpaired(sd, path) if layout == "unpaired" else _paired(sd, path)
+    except CheckpointError:
+        raise
+    except (AttributeError, TypeError, ValueError, KeyError) as e:  # the right keys, holding the wrong things
+        raise CheckpointError(
+            f"{path}: a damaged {layout} img2img-turbo checkpoint ({_first_line(e)})"
+        ) from e
+    _released_conventions(ckpt, path.name)
     ckpt.validate()
     return ckpt

@@ -62,6 +62,10 @@ class Translation:
     gamma: float
 
 
+# Seeds the app and the CLI take: exact in the browser's numbers (doubles), the same in both.
+MAX_SEED = 2**32 - 1
+
+
 def noise_map(seed: int, height: int, width: int) -> torch.Tensor:
     """The stochastic mode's noise z, (1, 4, height/8, width/8), drawn on the cpu so a seed gives
     the same image on every device."""
@@ -80,10 +84,12 @@ def _info_for(key: str, ckpt: TurboCheckpoint, mtime: float | None) -> ModelInfo
             default_direction=direction, default_gamma=released.default_gamma,
             example_prompt=released.example_prompt,
         )  # fmt: skip
+    # a released unpaired file (night2day.pkl) has a caption for the direction it was released for
+    default_direction = next((d for d in ckpt.directions if ckpt.prompts.get(d)), ckpt.directions[0])
     return ModelInfo(
         key=key, name=Path(key).stem, kind=ckpt.kind, stochastic=ckpt.stochastic, directions=ckpt.directions,
         input=ckpt.input, image_prep=ckpt.image_prep, prompts=dict(ckpt.prompts),
-        default_direction=ckpt.directions[0], default_gamma=0.4 if ckpt.stochastic else None, mtime=mtime,
+        default_direction=default_direction, default_gamma=0.4 if ckpt.stochastic else None, mtime=mtime,
     )  # fmt: skip
 
 
@@ -108,6 +114,10 @@ class Pipeline:
         compile: bool = False,
         restore: str = "auto",
     ):
+        if max_models < 1:
+            raise ValueError(f"max_models must be at least 1, got {max_models}")
+        if max_side < 8:
+            raise ValueError(f"max_side must be at least 8 pixels, got {max_side}")
         self.base = load_base(base, device, dtype)
         if self.base.dtype == torch.bfloat16 and not bf16_is_native(self.base.device):
             logger.warning(
@@ -226,9 +236,10 @@ class Pipeline:
         prompt = self.pick_prompt(info, prompt, direction)
         if gamma is None:
             gamma = info.default_gamma if info.default_gamma is not None else 1.0
-        if info.kind == "unpaired" and gamma != 1.0:
+        if not info.stochastic and gamma != 1.0:
             raise GammaError(
-                "gamma applies to paired models only; unpaired models translate deterministically"
+                f"model {info.name} translates deterministically: gamma applies to stochastic models "
+                "(trained with noise, e.g. sketch_to_image_stochastic) only"
             )
         return info, direction, prompt, float(gamma)
 

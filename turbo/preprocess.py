@@ -36,6 +36,8 @@ IMAGE_PREPS = (
     "resize_512x512",
     "no_resize",
 )
+# the deterministic ones: what validation, evaluation and inference may use
+EVAL_IMAGE_PREPS = tuple(p for p in IMAGE_PREPS if "random" not in p)
 
 ImageSource = str | os.PathLike | IO[bytes] | Image.Image
 
@@ -71,6 +73,28 @@ def load_image(source: ImageSource, max_side: int | None = None) -> Image.Image:
     if max_side is not None and max(image.size) > max_side:
         image = _downscale(image, max_side)
     return image
+
+
+def load_image_limited(source: ImageSource, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
+    """`load_image` downscaled to `max_side`, and the size (width, height) before downscaling, as the
+    user sees the image (after the EXIF rotation), so callers can report it or restore it.
+
+    Raises ImageError when downscaling would leave the short side under 8 px (what the models need),
+    naming the image's own size rather than the downscaled one the user never saw.
+    """
+    if max_side < 1:
+        raise ImageError(f"max_side must be a positive number of pixels, got {max_side}")
+    image = load_image(source)
+    size = image.size
+    if max(size) > max_side:
+        short = min(_downscaled_size(size, max_side))
+        if short < 8:
+            raise ImageError(
+                f"image is too narrow: {size[0]}x{size[1]} pixels; with its long side limited to {max_side} "
+                f"px its short side would be {short} px, and the models need at least 8"
+            )
+        image = _downscale(image, max_side)
+    return image, size
 
 
 def _open_and_decode(source: str | os.PathLike | IO[bytes]) -> Image.Image:
@@ -146,11 +170,14 @@ def _scale_to_uint8(values: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
+def _downscaled_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    scale = max_side / max(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
 def _downscale(image: Image.Image, max_side: int) -> Image.Image:
-    width, height = image.size
-    scale = max_side / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    logger.warning("downscaling a %dx%d image to %dx%d (max side %d)", width, height, *size, max_side)
+    size = _downscaled_size(image.size, max_side)
+    logger.warning("downscaling a %dx%d image to %dx%d (max side %d)", *image.size, *size, max_side)
     return image.resize(size, Image.LANCZOS)
 
 

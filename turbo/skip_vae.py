@@ -27,6 +27,11 @@ class SkipConvs(nn.Module):
     def __getitem__(self, i: int) -> nn.Module:
         return getattr(self, self.names[i])
 
+    def base(self, i: int) -> nn.Conv2d:
+        """The i-th conv itself, taken out of its LoRA wrapper when it has one."""
+        conv = self[i]
+        return conv.get_base_layer() if hasattr(conv, "get_base_layer") else conv
+
 
 class SkipVAE(nn.Module):
     """Encoder/decoder of an `AutoencoderKL` (shared, frozen) plus named sets of skip convs."""
