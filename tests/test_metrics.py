@@ -224,7 +224,7 @@ def test_stats_npz_round_trip_and_cache(tmp_path):
     class CountingExtractor:
         calls = 0
 
-        def compute_stats(self, source):
+        def compute_stats(self, source, transform=None):
             CountingExtractor.calls += 1
             return mu + 1, sigma * 2
 
