@@ -168,6 +168,12 @@ def _load_safetensors(path: Path) -> TurboCheckpoint:
     return ckpt
 
 
+def is_torch_save(head: bytes) -> bool:
+    """Whether a file starting with `head` is a torch.save file: a zip archive ("PK") or, for older
+    files, a pickle (protocol 2 and up start with 0x80)."""
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
 def load_checkpoint(path: str | Path) -> TurboCheckpoint:
     """Load our `.safetensors` or one of the original `.pkl` layouts (never full unpickling)."""
     from turbo.original_checkpoint import load_original_pkl
@@ -177,9 +183,8 @@ def load_checkpoint(path: str | Path) -> TurboCheckpoint:
         raise CheckpointError(f"no such checkpoint file: {path}")
     with open(path, "rb") as f:
         head = f.read(8)
-    # Other suffixes are sniffed: safetensors starts with a little-endian u64 header length;
-    # torch.save files are zip archives ("PK") or legacy pickles (0x80).
-    sniffed = len(head) == 8 and head[:2] != b"PK" and head[0] != 0x80
-    if path.suffix == ".safetensors" or (path.suffix != ".pkl" and sniffed):
+    # Other suffixes are sniffed: safetensors starts with a little-endian u64 header length.
+    sniffed = path.suffix != ".pkl" and len(head) == 8 and not is_torch_save(head)
+    if path.suffix == ".safetensors" or sniffed:
         return _load_safetensors(path)
     return load_original_pkl(path)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from turbo.checkpoint import CheckpointError, TurboCheckpoint
+from turbo.checkpoint import CheckpointError, TurboCheckpoint, is_torch_save
 from turbo.registry import RELEASED
 
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default lora_alpha, which the paired models were trained with
@@ -43,8 +43,7 @@ def _first_line(e: Exception) -> str:
 def _read(path: Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(2)
-    # torch.save writes zip archives ("PK"); older files are pickles (protocol 2+: 0x80)
-    if head[:2] != b"PK" and head[:1] != b"\x80":
+    if not is_torch_save(head):
         raise CheckpointError(f"{path}: not a readable checkpoint (neither a torch zip archive nor a pickle)")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
