@@ -116,6 +116,19 @@ def test_changed_file_is_reloaded(pipe, tiny_base_dir, tmp_path):
     assert np.abs(np.asarray(first.image).astype(int) - np.asarray(second.image)).mean() > 0.5
 
 
+def test_a_replaced_file_with_the_same_mtime_is_reloaded(pipe, tiny_base_dir, tmp_path):
+    """File systems with coarse timestamps can give two writes the same mtime; the size tells."""
+    path = tmp_path / "same_tick.pkl"
+    RefPaired(str(tiny_base_dir), seed=31).save_pkl(path)
+    first = pipe.translate(drawing(), path, "a cat")
+    stamp = path.stat().st_mtime_ns
+    RefPaired(str(tiny_base_dir), rank_unet=4, seed=32).save_pkl(path)
+    os.utime(path, ns=(stamp, stamp))
+    second = pipe.translate(drawing(), path, "a cat")
+    assert np.abs(np.asarray(first.image).astype(int) - np.asarray(second.image)).mean() > 0.5
+    assert pipe.models[str(path.resolve())].version == (path.stat().st_size, stamp)
+
+
 def test_missing_prompt_for_paired_model(pipe):
     with pytest.raises(PromptError, match="needs a prompt"):
         pipe.translate(drawing(), "edge_to_image", "  ")

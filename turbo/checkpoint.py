@@ -168,6 +168,16 @@ def _load_safetensors(path: Path) -> TurboCheckpoint:
     return ckpt
 
 
+def file_version(path: Path) -> tuple[int, int] | None:
+    """(size, mtime in ns) of a file, what tells a replaced checkpoint from the one read before (an
+    mtime in seconds can miss two writes within its resolution); None when it is gone."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
 def is_torch_save(head: bytes) -> bool:
     """Whether a file starting with `head` is a torch.save file: a zip archive ("PK") or, for older
     files, a pickle (protocol 2 and up start with 0x80)."""

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from turbo.checkpoint import CheckpointError, load_checkpoint
+from turbo.checkpoint import CheckpointError, file_version, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +64,6 @@ def is_candidate(path: Path) -> bool:
     return path.suffix.lower() in SUFFIXES
 
 
-def _version(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:  # deleted between listing and stat
-        return None
-    return st.st_size, st.st_mtime_ns
-
-
 class ModelsFolder:
     """Scans a folder for checkpoints; thread-safe (the app's timer and its buttons both scan).
 
@@ -94,7 +86,7 @@ class ModelsFolder:
             found: list[FolderModel] = []
             paths = sorted(p for p in self._list() if is_candidate(p))
             for path in paths:
-                version = _version(path)
+                version = file_version(path)
                 if version is None:
                     continue
                 found.append(self._entry(path, version, now))
@@ -166,7 +158,7 @@ class ModelsFolder:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
-        version = _version(dest) or (0, 0)
+        version = file_version(dest) or (0, 0)
         entry = read_entry(dest, version)
         with self._lock:
             self._known[dest] = entry

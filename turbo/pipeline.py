@@ -18,7 +18,7 @@ from PIL import Image
 
 from turbo import preprocess as pp
 from turbo.base import DEFAULT_BASE, load_base
-from turbo.checkpoint import TurboCheckpoint, load_checkpoint
+from turbo.checkpoint import TurboCheckpoint, file_version, load_checkpoint
 from turbo.fast import FastOptions, FastPath, bf16_is_native
 from turbo.generator import Generator
 from turbo.registry import RELEASED, UnknownModelError, checkpoint_path
@@ -49,7 +49,7 @@ class ModelInfo:
     default_direction: str = "a2b"
     default_gamma: float | None = None
     example_prompt: str | None = None
-    mtime: float | None = None
+    version: tuple[int, int] | None = None  # a checkpoint file's (size, mtime_ns) when it was read
 
 
 @dataclass
@@ -73,7 +73,7 @@ def noise_map(seed: int, height: int, width: int) -> torch.Tensor:
     return torch.randn((1, 4, height // 8, width // 8), generator=g)
 
 
-def _info_for(key: str, ckpt: TurboCheckpoint, mtime: float | None) -> ModelInfo:
+def _info_for(key: str, ckpt: TurboCheckpoint, version: tuple[int, int] | None) -> ModelInfo:
     released = RELEASED.get(key)
     if released is not None:
         direction = released.direction or "a2b"
@@ -89,7 +89,7 @@ def _info_for(key: str, ckpt: TurboCheckpoint, mtime: float | None) -> ModelInfo
     return ModelInfo(
         key=key, name=Path(key).stem, kind=ckpt.kind, stochastic=ckpt.stochastic, directions=ckpt.directions,
         input=ckpt.input, image_prep=ckpt.image_prep, prompts=dict(ckpt.prompts),
-        default_direction=default_direction, default_gamma=0.4 if ckpt.stochastic else None, mtime=mtime,
+        default_direction=default_direction, default_gamma=0.4 if ckpt.stochastic else None, version=version,
     )  # fmt: skip
 
 
@@ -152,9 +152,9 @@ class Pipeline:
         on disk since it was loaded is loaded again."""
         key, path = self.resolve(model)
         with self.lock:
-            mtime = path.stat().st_mtime if path is not None else None
+            version = file_version(path) if path is not None else None
             info = self.models.get(key)
-            if info is not None and info.mtime == mtime:
+            if info is not None and info.version == version:
                 self.models.move_to_end(key)
                 return info
             ckpt = load_checkpoint(path if path is not None else checkpoint_path(key, self.cache_dir))
@@ -165,7 +165,7 @@ class Pipeline:
                 logger.info("evicting %s from the model cache", oldest)
                 self.unload(oldest)
             self.generator.add_checkpoint(key, ckpt)
-            info = _info_for(key, ckpt, mtime)
+            info = _info_for(key, ckpt, version)
             self.models[key] = info
             return info
 
