@@ -179,6 +179,9 @@ def test_max_side_downscales_keeping_aspect(caplog):
     assert load_image(image, max_side=64).size == (64, 40)
     with pytest.raises(ImageError):
         load_image(image, max_side=0)
+    # one downscale for every caller: a strip that would end under 8 px says so with its own size
+    with pytest.raises(ImageError, match="too narrow: 600x9 pixels"):
+        load_image(_scene((600, 9)), max_side=64)
 
 
 def test_canny_matches_cv2():

@@ -56,11 +56,11 @@ def load_image(source: ImageSource, max_side: int | None = None) -> Image.Image:
     source: a path, a binary file-like object, or a PIL image. The EXIF orientation is applied;
     transparent pixels are composited over white (so a transparent sketch background is white);
     16-bit and 32-bit modes are scaled to 8 bits. Images over MAX_PIXELS are refused. With
-    max_side, an image whose longer side exceeds it is downscaled (LANCZOS, aspect kept).
+    max_side, an image whose longer side exceeds it is downscaled (see `load_image_limited`).
     Raises ImageError with a one-line message naming the problem.
     """
-    if max_side is not None and max_side < 1:
-        raise ImageError(f"max_side must be a positive number of pixels, got {max_side}")
+    if max_side is not None:
+        return load_image_limited(source, max_side)[0]
     if isinstance(source, Image.Image):
         image = _decode(source, "the given image")
     else:
@@ -69,15 +69,13 @@ def load_image(source: ImageSource, max_side: int | None = None) -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except Exception as exc:  # a broken EXIF block should not make a usable image unusable
         logger.warning("ignoring unreadable EXIF orientation: %s", exc)
-    image = _to_rgb8(image)
-    if max_side is not None and max(image.size) > max_side:
-        image = _downscale(image, max_side)
-    return image
+    return _to_rgb8(image)
 
 
 def load_image_limited(source: ImageSource, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
-    """`load_image` downscaled to `max_side`, and the size (width, height) before downscaling, as the
-    user sees the image (after the EXIF rotation), so callers can report it or restore it.
+    """`load_image` downscaled (LANCZOS, aspect kept) so its longer side is at most `max_side`, and
+    the size (width, height) before downscaling, as the user sees the image (after the EXIF
+    rotation), so callers can report it or restore it.
 
     Raises ImageError when downscaling would leave the short side under 8 px (what the models need),
     naming the image's own size rather than the downscaled one the user never saw.
