@@ -13,7 +13,7 @@ from tiny import make_tiny_base
 from training_assets import make_domains_dataset, make_tiny_dino, one_thread, random_fid_weights  # noqa: F401
 
 from training.dino_structure import DinoStructureDistance
-from training.evaluate import Evaluator, load_fid_weights, main
+from training.evaluate import EvaluationError, Evaluator, load_fid_weights, main
 from training.fid import FIDExtractor, frechet_distance, trace_sqrt_product
 from turbo.base import load_base
 from turbo.checkpoint import save_checkpoint
@@ -76,6 +76,11 @@ def test_identity_scores_zero_and_a_colour_shift_scores_more(assets, metrics, tm
     shifted = ev.run(lambda x: (x * 0.5 - 0.4).clamp(-1, 1), tmp_path / "shifted", progress=False)
     assert shifted.dino_structure > 10 * same.dino_structure
     assert shifted.fid > 1.0 + 100 * abs(same.fid)
+    # a random crop or flip would make two evaluations of the same model differ
+    with pytest.raises(
+        EvaluationError, match="'resize_286_randomcrop_256x256_hflip' is not one of .*deterministic"
+    ):
+        Evaluator(assets["same"], "a2b", "resize_286_randomcrop_256x256_hflip", fid, dino)
 
 
 def test_cli_evaluates_a_checkpoint_and_writes_json_and_markdown(assets, tmp_path, capsys):

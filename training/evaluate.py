@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from training.data import DatasetError, crop_to_multiple_of_8, list_images
 from training.dino_structure import DINO_HUB_ID, DinoStructureDistance
 from training.fid import FIDExtractor, frechet_distance, stats_from_features
-from turbo.preprocess import IMAGE_PREPS, build_transform, load_image, to_model_input, to_pil
+from turbo.preprocess import EVAL_IMAGE_PREPS, build_transform, load_image, to_model_input, to_pil
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +104,10 @@ class Evaluator:
         dino: DinoStructureDistance | None = None,
         num_images: int = 0,
     ) -> None:
-        if image_prep not in IMAGE_PREPS:
-            raise EvaluationError(f"--image-prep {image_prep!r} is not one of {', '.join(IMAGE_PREPS)}")
+        if image_prep not in EVAL_IMAGE_PREPS:  # a random crop or flip would make the figures unrepeatable
+            raise EvaluationError(
+                f"--image-prep {image_prep!r} is not one of {', '.join(EVAL_IMAGE_PREPS)} (deterministic)"
+            )
         if num_images < 0:
             raise EvaluationError(f"--num-images must be 0 (all) or more, got {num_images}")
         inputs, references = test_files(dataset, direction)
@@ -226,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direction", default=None, choices=DIRECTIONS, help="default: the model's first")
     p.add_argument("--output", default="evaluation", help="folder for samples/, metrics.json, metrics.md")
     p.add_argument(
-        "--image-prep", default=None, choices=IMAGE_PREPS, help="default: the model's, else no_resize"
+        "--image-prep", default=None, choices=EVAL_IMAGE_PREPS, help="default: the model's, else no_resize"
     )
     p.add_argument("--num-images", type=int, default=0, help="first N test inputs; 0: all")
     p.add_argument("--batch-size", type=int, default=1)
