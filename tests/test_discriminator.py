@@ -3,12 +3,15 @@ patches, 12 blocks, but 32 channels)."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPVisionConfig
+from training_assets import make_tiny_clip
+from transformers import CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
-from training.discriminator import CLIPDiscriminator, DiscriminatorError, diff_augment
+from training.discriminator import CLIPDiscriminator, DiscriminatorError, diff_augment, load_vision_tower
 
 
 def tiny_config() -> CLIPVisionConfig:
@@ -166,3 +169,29 @@ def test_heads_state_dict_round_trip_and_bad_input():
         disc(torch.zeros(2, 1, 32, 32), for_real=True)
     with pytest.raises(DiscriminatorError):
         make_disc(loss_type="hinge")
+
+
+def test_tower_loads_from_a_full_clip_checkpoint_without_a_wall_of_warnings(tmp_path):
+    folder = make_tiny_clip(tmp_path / "clip")
+    full = CLIPModel.from_pretrained(folder)
+    warned: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())
+    report = logging.getLogger("transformers.modeling_utils")
+    report.addHandler(handler)
+    try:
+        disc = CLIPDiscriminator.from_pretrained(str(folder))
+        assert not any("LOAD REPORT" in w for w in warned)  # the text half's weights are expected unused
+        tower = disc.backbone.vision_model.state_dict()
+        assert tower.keys() == full.vision_model.state_dict().keys()
+        assert all(torch.equal(tower[k], v) for k, v in full.vision_model.state_dict().items())
+        assert torch.equal(disc.backbone.visual_projection.weight, full.visual_projection.weight)
+        # a checkpoint without the projection is refused, and transformers' report is shown
+        CLIPVisionModel(full.config.vision_config).save_pretrained(tmp_path / "vision")
+        with pytest.raises(
+            DiscriminatorError, match=r"1 tower weights are missing \(first: visual_projection"
+        ):
+            load_vision_tower(str(tmp_path / "vision"))
+        assert any("LOAD REPORT" in w and "MISSING" in w for w in warned)
+    finally:
+        report.removeHandler(handler)

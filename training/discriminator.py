@@ -52,6 +52,45 @@ class DiscriminatorError(ValueError):
     """Bad discriminator configuration or call."""
 
 
+# a full CLIP checkpoint's weights that the vision tower leaves unused
+_TEXT_HALF = ("text_model.", "text_projection.", "logit_scale")
+
+
+def _hold_back_load_report(record: logging.LogRecord) -> bool:
+    """Drop transformers' load report when all it lists is unused weights."""
+    message = record.getMessage()
+    return "LOAD REPORT" not in message or any(w in message for w in ("MISSING", "MISMATCH", "CONVERSION"))
+
+
+def load_vision_tower(model_id: str) -> CLIPVisionModelWithProjection:
+    """The vision tower and projection of a CLIP checkpoint (hub id or folder).
+
+    transformers would warn about each weight of the text half it leaves unused (about 200 lines
+    for CLIP ViT-B/32, per process); that report is held back unless it lists a missing,
+    mismatched or unconverted weight. A tower weight missing from the checkpoint is a
+    DiscriminatorError; an unused weight outside the text half, a one-line warning.
+    """
+    # a filter, not a higher level: transformers reads its logger's level to decide other warnings
+    report = logging.getLogger("transformers.modeling_utils")
+    report.addFilter(_hold_back_load_report)
+    try:
+        tower, info = CLIPVisionModelWithProjection.from_pretrained(model_id, output_loading_info=True)
+    finally:
+        report.removeFilter(_hold_back_load_report)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise DiscriminatorError(
+            f"{model_id} is not a CLIP vision checkpoint: {len(missing)} tower weights are missing "
+            f"(first: {missing[0]})"
+        )
+    unused = sorted(k for k in info["unexpected_keys"] if not k.startswith(_TEXT_HALF))
+    if unused:
+        logger.warning(
+            "%s: %d weights unused by the CLIP vision tower (first: %s)", model_id, len(unused), unused[0]
+        )
+    return tower
+
+
 # --- DiffAugment (Zhao et al. 2020), as vision_aided_loss implements it --------------------------
 # The random draws happen in the same order, with the same shapes, as the package's, so with the same
 # seed the same augmentation comes out.
@@ -207,8 +246,7 @@ class CLIPDiscriminator(nn.Module):
     @classmethod
     def from_pretrained(cls, model_id: str = DEFAULT_CLIP_ID, **kwargs) -> CLIPDiscriminator:
         """Build on a hub/local CLIP checkpoint (downloads openai/clip-vit-base-patch32 by default)."""
-        backbone = CLIPVisionModelWithProjection.from_pretrained(model_id)
-        return cls(backbone, **kwargs)
+        return cls(load_vision_tower(model_id), **kwargs)
 
     @classmethod
     def from_config(cls, config: CLIPVisionConfig, **kwargs) -> CLIPDiscriminator:
