@@ -6,7 +6,7 @@ from reference import RefPaired, RefUnpaired
 
 from turbo import lora
 from turbo.base import load_base
-from turbo.checkpoint import load_checkpoint, save_checkpoint
+from turbo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from turbo.generator import Generator
 from turbo.pipeline import noise_map
 
@@ -168,6 +168,23 @@ def test_removed_model_leaves_no_adapters(setup, tmp_path):
     assert sum(p.numel() for p in gen.parameters()) == n_params
     with pytest.raises(KeyError, match="not loaded"):
         gen(x, emb, "tmp")
+
+
+@pytest.mark.parametrize("key", ["conv_in.weight", "down_blocks.0.attentions.0.proj_in.lora_A.weight"])
+def test_a_checkpoint_that_does_not_fit_is_refused_and_leaves_nothing_behind(setup, key):
+    _, gen, _, paths, x, emb = setup
+    n_params = sum(p.numel() for p in gen.parameters())
+    ckpt = load_checkpoint(paths["paired"])
+    ckpt.source = "wide.pkl"
+    matches = [k for k in ckpt.unet if k.startswith(key.rsplit(".weight")[0]) and k.endswith("weight")]
+    assert matches, key
+    shape = ckpt.unet[matches[0]].shape
+    ckpt.unet[matches[0]] = torch.zeros(shape[0] + 8, *shape[1:])  # another base's width
+    with pytest.raises(CheckpointError, match=r"^wide\.pkl does not fit the base model: [^w]"):
+        gen.add_checkpoint("wide", ckpt)
+    assert "wide" not in gen.models and sum(p.numel() for p in gen.parameters()) == n_params
+    gen.add_checkpoint("wide", load_checkpoint(paths["paired"]))  # the name is free again
+    gen.remove_model("wide")
 
 
 def test_new_model_starts_as_identity_of_base_adapters(setup):

@@ -162,9 +162,10 @@ class Generator(nn.Module):
             raise CheckpointError(f"{where} does not fit the base model: {e}") from e
         try:
             self._load_weights(m, ckpt, where)
-        except (lora.LoraWeightsError, RuntimeError, KeyError) as e:
+        except (lora.LoraWeightsError, RuntimeError, KeyError, CheckpointError) as e:
             self.remove_model(name)
-            raise CheckpointError(f"{where} does not fit the base model: {e}") from e
+            reason = str(e).removeprefix(f"{where}: ")
+            raise CheckpointError(f"{where} does not fit the base model: {reason}") from e
         return m
 
     def _load_weights(self, m: LoadedModel, ckpt: TurboCheckpoint, where: str) -> None:
