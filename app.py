@@ -60,16 +60,16 @@ def tolerant(image: gr.Image) -> gr.Image:
     return image
 
 
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= minimum."""
+def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` (int or float) >= minimum."""
 
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < minimum:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not value >= minimum:  # also refuses nan
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
         return value
 
-    parse.__name__ = "integer"  # argparse names the type in "invalid integer value: 'x'"
+    parse.__name__ = "integer" if kind is int else "number"  # argparse: "invalid integer value: 'x'"
     return parse
 
 
@@ -96,11 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"uploads are downscaled to this longer side (pixels, >= {MIN_SIDE})",
     )
     p.add_argument(
-        "--rescan-seconds", type=float, default=5.0, help="how often the models folder is rescanned"
+        "--rescan-seconds",
+        type=_at_least(0.1, float),
+        default=5.0,
+        help="how often the models folder is rescanned (seconds, >= 0.1)",
     )
-    p.add_argument("--settle-seconds", type=float, default=2.0, help="a new file must be unchanged this long")
-    p.add_argument("--canvas-size", type=int, default=512, help="sketch canvas side in pixels")
-    p.add_argument("--queue-size", type=int, default=16, help="requests waiting at most (more are refused)")
+    p.add_argument(
+        "--settle-seconds",
+        type=_at_least(0.0, float),
+        default=2.0,
+        help="a new file must be unchanged this long (seconds, >= 0)",
+    )
+    p.add_argument(
+        "--canvas-size", type=_at_least(64), default=512, help="sketch canvas side in pixels, >= 64"
+    )
+    p.add_argument(
+        "--queue-size", type=_at_least(1), default=16, help="requests that may wait, >= 1 (more are refused)"
+    )
     p.add_argument(
         "--restore", choices=["auto", "record", "copy"], default="auto",
         help="how a switch between models gives the base back: record (least memory) or copy (a copy of "

@@ -278,12 +278,40 @@ def test_refresh_and_upload_handlers(app, models_dir, tmp_path):
     update, text, status = app.upload_checkpoint(str(models_dir / "edges.safetensors"))
     assert update["value"] == "edges-2.safetensors" and "edges-2.safetensors" in update["choices"]
     assert "Added" in status and "edges-2.safetensors" in text
+    assert app.pipeline.file_key(models_dir / "edges-2.safetensors") in app.pipeline.models  # loaded at once
+    # made for another base: it reads, but does not fit; refused now, not at the first translation
+    from tiny import make_tiny_base
+
+    from turbo.base import load_base
+    from turbo.checkpoint import save_checkpoint
+    from turbo.generator import Generator
+
+    g = Generator(load_base(make_tiny_base(tmp_path / "wide", seed=1, unet_channels=(24, 32)), device="cpu"))
+    g.new_model("m", kind="paired")
+    foreign = save_checkpoint(g.export("m", prompts={}, input="canny"), tmp_path / "foreign.safetensors")
+    update, text, status = app.upload_checkpoint(str(foreign))
+    assert "foreign.safetensors does not fit the base model: " in status and str(tmp_path) not in status
+    assert not (models_dir / "foreign.safetensors").exists() and "foreign" not in text
+    assert update == {"__type__": "update"} and app.warnings[-1].startswith("foreign.safetensors does not")
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(b"nope")
     update, text, status = app.upload_checkpoint(str(bad))
     assert "not a usable checkpoint" in status and app.warnings and "bad.pkl" not in text
     seeds = {app.random_seed() for _ in range(5)}
     assert len(seeds) > 1 and all(0 <= s < 2**31 for s in seeds)
+
+
+def test_a_symlinked_checkpoint_is_unloaded_when_the_link_goes(app, models_dir, tmp_path):
+    target = tmp_path / "elsewhere.safetensors"
+    shutil.copy2(models_dir / "edges.safetensors", target)
+    (models_dir / "link.safetensors").symlink_to(target)
+    app.refresh()
+    image = app.run("upload", "link.safetensors", None, photo(), "a barn")[0]
+    key = app.pipeline.file_key(models_dir / "link.safetensors")
+    assert image is not None and key in app.pipeline.models
+    (models_dir / "link.safetensors").unlink()
+    update, _ = app.refresh()
+    assert "link.safetensors" not in update["choices"] and key not in app.pipeline.models
 
 
 def test_seed_range_is_checked_with_a_clear_message(app):
@@ -322,11 +350,18 @@ def test_app_arguments_are_checked(tiny_base_dir, capsys):
         (["--max-models", "0"], "--max-models: must be at least 1, got 0"),
         (["--max-side", "0"], "--max-side: must be at least 64, got 0"),
         (["--max-side", "big"], "--max-side: invalid integer value: 'big'"),
+        (["--canvas-size", "10"], "--canvas-size: must be at least 64, got 10"),
+        (["--queue-size", "0"], "--queue-size: must be at least 1, got 0"),
+        (["--rescan-seconds", "0"], "--rescan-seconds: must be at least 0.1, got 0"),
+        (["--rescan-seconds", "nan"], "--rescan-seconds: must be at least 0.1, got nan"),
+        (["--settle-seconds", "-1"], "--settle-seconds: must be at least 0.0, got -1"),
+        (["--settle-seconds", "soon"], "--settle-seconds: invalid number value: 'soon'"),
     ):
         with pytest.raises(SystemExit):
             parser.parse_args(argv)
         assert message in capsys.readouterr().err
     assert parser.parse_args(["--max-models", "1", "--max-side", "64"]).max_side == 64
+    assert parser.parse_args(["--rescan-seconds", "0.5", "--settle-seconds", "0"]).rescan_seconds == 0.5
     if not torch.backends.mps.is_available():  # fails before anything loads, one line, no traceback
         assert app_module.main(["--base", str(tiny_base_dir), "--device", "mps"]) == 2
         err = capsys.readouterr().err

@@ -26,7 +26,7 @@ from turbo.base import BaseModelError
 from turbo.checkpoint import CheckpointError
 from turbo.download import DownloadError
 from turbo.models_folder import FolderModel, ModelsFolder, UploadError
-from turbo.pipeline import MAX_SEED, GammaError, Pipeline, PromptError, Translation, get_pipeline
+from turbo.pipeline import MAX_SEED, GammaError, ModelInfo, Pipeline, PromptError, Translation, get_pipeline
 from turbo.preprocess import ImageError, load_image, load_image_limited
 from turbo.registry import RELEASED, STYLES, UnknownModelError, styled_prompt
 
@@ -146,6 +146,13 @@ def gpu_translate(pipeline_key: tuple, image: Image.Image, model: str, **kw) -> 
     return get_pipeline(*pipeline_key).translate(image, model, **kw)
 
 
+@GPU
+def gpu_load(pipeline_key: tuple, model: str) -> ModelInfo:
+    """Load a model into the pipeline's cache (`Pipeline.load`); on ZeroGPU weights move only
+    inside a GPU call."""
+    return get_pipeline(*pipeline_key).load(model)
+
+
 def _message(text: str) -> str:
     return f"⚠️ {html.escape(text)}"
 
@@ -188,7 +195,7 @@ class TurboApp:
         old_files = {c.model for c in self._choices.values() if not c.released}
         new_files = {c.model for c in choices.values() if not c.released}
         for gone in old_files - new_files:
-            key = str(Path(gone).resolve())
+            key = Pipeline.file_key(gone)
             if key in self.pipeline.models:
                 logger.info("checkpoint %s is gone; unloading it", gone)
                 self.pipeline.unload(key)
@@ -237,7 +244,10 @@ class TurboApp:
         if not file:
             return gr.update(), self.folder_markdown(), ""
         try:
-            entry = self.folder.add_upload(file, Path(file).name)
+            # loaded now, so a checkpoint made for another base is refused at once
+            entry = self.folder.add_upload(
+                file, Path(file).name, check=lambda p: gpu_load(self.pipeline_key, str(p))
+            )
         except USER_ERRORS as e:
             self.warn(str(e))
             return gr.update(), self.folder_markdown(), _message(str(e))

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,9 +132,15 @@ class ModelsFolder:
             if entry is not None:
                 entry.status, entry.reason = "unusable", reason
 
-    def add_upload(self, source: str | Path, name: str | None = None) -> FolderModel:
+    def add_upload(
+        self, source: str | Path, name: str | None = None, check: Callable[[Path], object] | None = None
+    ) -> FolderModel:
         """Copy an uploaded checkpoint into the folder (validated first, written atomically, never
-        over an existing file: a free name like `model-2.safetensors` is chosen instead)."""
+        over an existing file: a free name like `model-2.safetensors` is chosen instead).
+
+        check: called with the copy's path, e.g. to load it onto the app's base; a CheckpointError
+        from it (a checkpoint made for another base) removes the copy and becomes an UploadError.
+        """
         source = Path(source)
         name = SAFE_NAME.sub("_", Path(name or source.name).name).lstrip(".") or "model"
         if Path(name).suffix.lower() not in SUFFIXES:
@@ -158,6 +165,15 @@ class ModelsFolder:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        if check is not None:
+            try:
+                check(dest)
+            except BaseException as e:
+                dest.unlink(missing_ok=True)
+                if not isinstance(e, CheckpointError):
+                    raise
+                reason = str(e).replace(str(dest.resolve()), name).replace(str(dest), name)
+                raise UploadError(reason if reason.startswith(name) else f"{name}: {reason}") from e
         version = file_version(dest) or (0, 0)
         entry = read_entry(dest, version)
         with self._lock:

@@ -7,6 +7,7 @@ doing the preprocessing each model was trained with (Canny edges, sketch strokes
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -135,13 +136,20 @@ class Pipeline:
 
     # ---- models ----
     @staticmethod
+    def file_key(path: str | Path) -> str:
+        """The cache key of a checkpoint file: its absolute path, symbolic links not followed (a
+        deleted link can still be named, and a link pointed elsewhere is another version)."""
+        return os.path.abspath(Path(path).expanduser())
+
+    @staticmethod
     def resolve(model: str | Path) -> tuple[str, Path | None]:
-        """A released name -> (name, None); a checkpoint file -> (resolved path, path)."""
+        """A released name -> (name, None); a checkpoint file -> (`file_key`, path)."""
         if isinstance(model, str) and model in RELEASED:
             return model, None
         path = Path(model).expanduser()
         if path.is_file():
-            return str(path.resolve()), path.resolve()
+            key = Pipeline.file_key(path)
+            return key, Path(key)
         raise UnknownModelError(
             f"unknown model {str(model)!r}: give one of {', '.join(RELEASED)} or the path of a "
             f".safetensors/.pkl checkpoint"
