@@ -130,9 +130,9 @@ def remove_lora(model: nn.Module, adapter: str) -> None:
     """Delete the adapter's layers and weights from every LoRA layer that has it."""
     for _, layer in lora_layers(model):
         if adapter in layer.lora_A:
-            active = [a for a in layer.active_adapters if a != adapter]
+            # deactivated first: peft would warn, and switch another adapter on, on deleting an active one
+            layer._active_adapter = [a for a in layer.active_adapters if a != adapter]
             layer.delete_adapter(adapter)
-            layer._active_adapter = active
 
 
 # Where the original code puts its adapters (module-name patterns, peft list semantics).
