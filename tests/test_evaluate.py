@@ -111,3 +111,9 @@ def test_cli_evaluates_a_checkpoint_and_writes_json_and_markdown(assets, tmp_pat
     argv[argv.index("--dataset") + 1] = str(broken)
     assert main([*argv, "--no-fid"]) == 2
     assert "test_A is missing" in capsys.readouterr().err
+    argv[argv.index("--model") + 1] = "day_to_night"  # a released model, offline
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TURBO_CACHE", str(tmp_path / "cache"))
+        mp.setenv("TURBO_OFFLINE", "1")
+        assert main([*argv, "--no-fid"]) == 2
+    assert "offline mode" in capsys.readouterr().err

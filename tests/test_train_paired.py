@@ -246,7 +246,7 @@ def test_dataset_problems_are_reported(assets, tmp_path, capsys, problem, messag
     assert err.startswith("error: ") and message in err
 
 
-def test_bad_options_are_reported(assets, tmp_path, capsys):
+def test_bad_options_are_reported(assets, tmp_path, capsys, monkeypatch):
     cfg = config(assets, tmp_path / "out", eval_gamma=0.5)
     with pytest.raises(ConfigError, match="--stochastic"):
         cfg.validate()
@@ -255,6 +255,16 @@ def test_bad_options_are_reported(assets, tmp_path, capsys):
     cfg = config(assets, tmp_path / "out", batch_size=200)  # more than the 96 training images
     assert main(argv(cfg)) == 2
     assert "lower --batch-size" in capsys.readouterr().err
+    # a base or a released model that cannot be had: one line too, not a traceback
+    monkeypatch.setenv("TURBO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TURBO_OFFLINE", "1")
+    for extra, message in (
+        (["--base", str(tmp_path / "nowhere")], "nowhere"),
+        (["--init-from", "edge_to_image"], "offline mode"),
+    ):
+        assert main([*argv(config(assets, tmp_path / "out")), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
 def test_an_interrupted_save_leaves_the_last_checkpoint_loadable(assets, tmp_path, monkeypatch):

@@ -35,6 +35,8 @@ from tqdm.auto import tqdm
 from training.data import DatasetError, crop_to_multiple_of_8, list_images
 from training.dino_structure import DINO_HUB_ID, DinoStructureDistance
 from training.fid import FIDExtractor, frechet_distance, stats_from_features
+from turbo.base import BaseModelError
+from turbo.download import DownloadError
 from turbo.preprocess import EVAL_IMAGE_PREPS, build_transform, load_image, to_model_input, to_pil
 
 logger = logging.getLogger(__name__)
@@ -280,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = evaluate_model(args)
-    except (ValueError, OSError) as e:  # our errors subclass ValueError; say them in one line
+    # our input errors subclass ValueError; a base or download that fails is a RuntimeError subclass
+    except (ValueError, OSError, BaseModelError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(asdict(result)))

@@ -141,9 +141,10 @@ class PairedTrainer(Trainer):
                 self.val_set = PairedDataset(cfg.dataset, "test", cfg.test_image_prep, seed=cfg.seed)
             else:
                 logger.warning("no test_A/ in %s: validation is off", cfg.dataset)
+        init = self._read_init()  # before the base loads: a bad --init-from fails in seconds
         self.base = base or load_base(cfg.base, device=dev, dtype=rt.frozen_dtype)
         self.gen = Generator(self.base)
-        self._add_model()
+        self._add_model(init)
         self.params = self.gen.trainable_parameters(MODEL)
         self._prepare_trainable()
         nets = networks or {}
@@ -172,13 +173,11 @@ class PairedTrainer(Trainer):
 
     # -- model -------------------------------------------------------------------------------------
 
-    def _add_model(self) -> None:
+    def _read_init(self) -> TurboCheckpoint | None:
+        """The --init-from checkpoint (a file, or a released name: downloaded), checked; None if none."""
         cfg = self.cfg
         if cfg.init_from is None:
-            self.gen.new_model(
-                MODEL, "paired", cfg.stochastic, rank_unet=cfg.rank_unet, rank_vae=cfg.rank_vae
-            )
-            return
+            return None
         path = Path(cfg.init_from)
         if not path.is_file():
             from turbo.registry import checkpoint_path
@@ -189,16 +188,25 @@ class PairedTrainer(Trainer):
             raise ConfigError(
                 f"--init-from {cfg.init_from}: a {ckpt.kind} model; paired training needs a paired one"
             )
+        if ckpt.stochastic and not cfg.stochastic:
+            raise ConfigError(f"--init-from {cfg.init_from} is a stochastic model: add --stochastic")
+        return ckpt
+
+    def _add_model(self, ckpt: TurboCheckpoint | None) -> None:
+        cfg = self.cfg
+        if ckpt is None:
+            self.gen.new_model(
+                MODEL, "paired", cfg.stochastic, rank_unet=cfg.rank_unet, rank_vae=cfg.rank_vae
+            )
+            return
         if cfg.stochastic and not ckpt.stochastic:
             # The twin is the base's own first conv, as in the released stochastic model.
             pretrained = self.gen.unet.conv_in.pretrained
             ckpt.unet["conv_in_pretrained.weight"] = pretrained.weight.detach().clone()
             ckpt.unet["conv_in_pretrained.bias"] = pretrained.bias.detach().clone()
             ckpt.stochastic = True
-        elif ckpt.stochastic and not cfg.stochastic:
-            raise ConfigError(f"--init-from {cfg.init_from} is a stochastic model: add --stochastic")
         self.gen.add_checkpoint(MODEL, ckpt)
-        logger.info("starting from %s (LoRA ranks %d/%d)", path, ckpt.rank_unet, ckpt.rank_vae)
+        logger.info("starting from %s (LoRA ranks %d/%d)", cfg.init_from, ckpt.rank_unet, ckpt.rank_vae)
 
     def export(self) -> TurboCheckpoint:
         """The model trained so far, in turbo's format (fp32 tensors, prompt and input metadata)."""

@@ -23,7 +23,9 @@ from training.config import CommonConfig
 from training.runtime import Runtime
 from training.sampler import Position, ResumableBatchSampler, batches
 from training.state import CheckpointWriter, ResumeError, load_state, resolve_checkpoint, set_rng_state
+from turbo.base import BaseModelError
 from turbo.checkpoint import TurboCheckpoint, save_checkpoint
+from turbo.download import DownloadError
 from turbo.generator import Generator
 
 logger = logging.getLogger(__name__)
@@ -255,7 +257,8 @@ def cli_main(
     try:
         cfg = parse_config(argv)
         result = train(cfg)
-    except (ValueError, OSError) as e:  # our errors subclass ValueError; say them in one line
+    # our input errors subclass ValueError; a base or download that fails is a RuntimeError subclass
+    except (ValueError, OSError, BaseModelError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"step": result.step, "output": cfg.output, **result.metrics}))
