@@ -118,7 +118,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--base", default=d.base, help="SD-Turbo hub id or local diffusers folder")
     g.add_argument(
-        "--clip-model", default=d.clip_model, help="CLIP for the text-image loss (hub id or folder)"
+        "--clip-model",
+        default=d.clip_model,
+        help="CLIP for the paired text-image loss (hub id or folder; unpaired: unused)",
     )
     g.add_argument("--disc-backbone", default=d.disc_backbone, help="CLIP vision tower of the discriminator")
     g.add_argument(
@@ -172,7 +174,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-eval-samples", type=int, default=d.num_eval_samples, help="test inputs; -1: all, 0: none"
     )
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
-    g.add_argument("--num-grid", type=int, default=d.num_grid, help="rows (input | output | target) per grid")
+    g.add_argument(
+        "--num-grid",
+        type=int,
+        default=d.num_grid,
+        help="rows per grid (paired: input | output | target; unpaired: input | output)",
+    )
     g.add_argument(
         "--track-fid",
         action="store_true",
@@ -180,7 +187,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument("--report-to", default=d.report_to, choices=REPORT_TO)
-    g.add_argument("--tracker-project", default=d.tracker_project)
+    g.add_argument("--tracker-project", default=d.tracker_project, help="wandb project")
 
 
 C = TypeVar("C", bound=CommonConfig)
