@@ -138,8 +138,9 @@ class ModelsFolder:
         """Copy an uploaded checkpoint into the folder (validated first, written atomically, never
         over an existing file: a free name like `model-2.safetensors` is chosen instead).
 
-        check: called with the copy's path, e.g. to load it onto the app's base; a CheckpointError
-        from it (a checkpoint made for another base) removes the copy and becomes an UploadError.
+        check: called with the copy's path, e.g. to load it onto the app's base; if it raises, the
+        copy is removed, and a CheckpointError (a checkpoint made for another base) becomes an
+        UploadError.
         """
         source = Path(source)
         name = SAFE_NAME.sub("_", Path(name or source.name).name).lstrip(".") or "model"
