@@ -3,8 +3,11 @@
 import pytest
 import torch
 from reference import RefPaired, RefUnpaired
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from turbo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from turbo.models_folder import read_entry
 from turbo.registry import RELEASED
 
 
@@ -13,6 +16,9 @@ def originals(tiny_base_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("originals")
     RefPaired(str(tiny_base_dir), seed=1).save_pkl(folder / "paired.pkl")
     RefUnpaired(str(tiny_base_dir), rank_unet=4, seed=2).save_pkl(folder / "unpaired.pkl")
+    RefPaired(str(tiny_base_dir), twin=True, seed=3).save_pkl(folder / "stochastic.pkl")
+    for name in ("paired", "stochastic"):
+        save_checkpoint(load_checkpoint(folder / f"{name}.pkl"), folder / f"{name}.safetensors")
     return folder
 
 
@@ -38,6 +44,96 @@ def test_damaged_files_give_a_checkpoint_error_naming_the_file(originals, tmp_pa
         with pytest.raises(CheckpointError, match=message) as err:
             load_checkpoint(path)
         assert str(path) in str(err.value)
+
+
+def _rewritten(source, tmp_path, **changes):
+    """A copy of the safetensors file `source` with its metadata changed (None: the field removed)."""
+    with safe_open(str(source), framework="pt") as f:
+        meta = f.metadata()
+    meta.update(changes)
+    path = tmp_path / f"changed_{source.name}"
+    save_file(load_file(str(source)), str(path), metadata={k: v for k, v in meta.items() if v is not None})
+    return path
+
+
+BAD_METADATA = [
+    ("prompts", '"a cat"', "prompts"),
+    ("prompts", '["a cat"]', "prompts"),
+    ("prompts", "null", "prompts"),
+    ("prompts", '{"a2b": 1}', "prompts"),
+    ("prompts", '{"a2b": null}', "prompts"),
+    ("prompts", '{"sideways": "a cat"}', "prompts"),
+    ("prompts", "{not json", "prompts"),
+    ("prompts", "[" * 100_000, "prompts"),  # deep enough to overflow the JSON parser's stack
+    ("format_version", "abc", "format_version"),
+    ("format_version", " 1", "format_version"),
+    ("format_version", "0", "format_version"),
+    ("format_version", "2", "newer than this turbo"),
+    ("format_version", None, "format_version"),
+    ("stochastic", "TRUE", "stochastic"),
+    ("stochastic", "1", "stochastic"),
+    ("stochastic", None, "stochastic"),
+    ("rank_unet", "abc", "rank_unet"),
+    ("rank_unet", "8.0", "rank_unet"),
+    ("rank_unet", "-8", "rank_unet"),
+    ("rank_unet", "0", "rank_unet"),
+    ("rank_unet", "9" * 5000, "rank_unet"),  # past int()'s digit limit
+    ("rank_vae", "abc", "rank_vae"),
+    ("alpha_unet", "abc", "alpha_unet"),
+    ("alpha_unet", "nan", "alpha_unet"),
+    ("alpha_vae", "-8.0", "alpha_vae"),
+    ("alpha_vae", "inf", "alpha_vae"),
+    ("kind", "PAIRED", "kind"),
+    ("kind", None, "kind"),
+    ("input", "edges", "input"),
+    ("image_prep", "bogus", "image_prep"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "message"), BAD_METADATA)
+def test_metadata_the_writer_never_writes_is_a_checkpoint_error_naming_file_and_field(
+    originals, tmp_path, field, value, message
+):
+    path = _rewritten(originals / "paired.safetensors", tmp_path, **{field: value})
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_checkpoint(path)
+    assert str(err.value).startswith(f"{path}: ") and len(str(err.value)) < 300
+
+
+def test_what_the_writer_writes_reads_back(originals):
+    ckpt = load_checkpoint(originals / "stochastic.safetensors")
+    assert (ckpt.kind, ckpt.stochastic, ckpt.rank_unet, ckpt.rank_vae) == ("paired", True, 8, 4)
+    assert (ckpt.alpha_unet, ckpt.alpha_vae, ckpt.prompts) == (8.0, 8.0, {})
+
+
+def test_a_twin_first_conv_in_a_model_marked_deterministic_is_refused(originals, tmp_path):
+    path = _rewritten(originals / "stochastic.safetensors", tmp_path, stochastic="false")
+    with pytest.raises(CheckpointError, match="not stochastic"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("rank_vae", "100000000"), ("rank_unet", "100000000"), ("rank_vae", "5")]
+)
+def test_ranks_must_match_the_lora_tensors_before_anything_is_built(originals, tmp_path, field, value):
+    """A huge stated rank would have peft allocate layers of that rank (GBs) before the weight copy
+    found the mismatch: the reader compares it with the tensors' shapes."""
+    path = _rewritten(originals / "paired.safetensors", tmp_path, **{field: value})
+    with pytest.raises(CheckpointError, match=f"does not fit {field} = {value}"):
+        load_checkpoint(path)
+    pkl = _damaged(originals, tmp_path, "paired.pkl", **{field: int(value)})
+    with pytest.raises(CheckpointError, match=f"does not fit {field} = {value}"):
+        load_checkpoint(pkl)
+
+
+def test_the_models_folder_lists_a_file_with_bad_prompts_as_unusable(originals, tmp_path):
+    for prompts in ('"a cat"', '["a cat"]', '{"a2b": 1}'):
+        path = _rewritten(originals / "paired.safetensors", tmp_path, prompts=prompts)
+        entry = read_entry(path, (1, 2))
+        assert (entry.status, entry.version) == ("unusable", (1, 2))
+        assert entry.reason.startswith("metadata prompts must be a JSON object"), entry.reason
+    good = read_entry(originals / "paired.safetensors", (1, 2))
+    assert (good.status, good.prompts, good.directions) == ("ok", {}, ["a2b"])
 
 
 def test_image_prep_must_be_a_known_deterministic_one(originals, tmp_path):

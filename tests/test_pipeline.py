@@ -7,10 +7,14 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from reference import RefPaired, RefUnpaired
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from turbo import pipeline as pipeline_module
 from turbo import preprocess as pp
 from turbo.base import BaseModelError
-from turbo.pipeline import GammaError, Pipeline, PromptError
+from turbo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from turbo.pipeline import MAX_SEED, GammaError, Pipeline, PromptError
 from turbo.registry import RELEASED
 
 
@@ -164,3 +168,71 @@ def test_a_bad_base_says_what_is_wrong_with_it(tmp_path):
 def test_prompt_embeddings_are_cached(pipe):
     a = pipe.prompt_embedding("a red house")
     assert pipe.prompt_embedding("a red house") is a
+
+
+def _with_prompts(path, prompts):
+    """Rewrite the safetensors file `path` in place with metadata prompts = `prompts`, a newer mtime."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(load_file(str(path)), str(path), metadata={**meta, "prompts": prompts})
+    os.utime(path, (path.stat().st_atime, path.stat().st_mtime + 5))
+
+
+def test_bad_prompts_are_refused_whole_and_the_fixed_file_then_loads(pipe, cache, tmp_path):
+    path = tmp_path / "mine.safetensors"
+    save_checkpoint(load_checkpoint(cache / RELEASED["edge_to_image"].filename), path)
+    key = Pipeline.file_key(path)
+    _with_prompts(path, '"a cat"')
+    for _ in range(2):  # a retry gets the same error, not "already loaded"
+        with pytest.raises(CheckpointError, match="prompts must be a JSON object") as err:
+            pipe.load(path)
+        assert str(path) in str(err.value)
+        assert key not in pipe.models and key not in pipe.generator.models
+    _with_prompts(path, '{"a2b": "a cat"}')
+    assert pipe.load(path).prompts == {"a2b": "a cat"}
+    assert pipe.translate(drawing(), path).prompt == "a cat"
+
+
+def test_a_failed_load_leaves_nothing_half_loaded(pipe, tiny_base_dir, tmp_path, monkeypatch):
+    path = tmp_path / "half.pkl"
+    RefPaired(str(tiny_base_dir), seed=41).save_pkl(path)
+    key = Pipeline.file_key(path)
+
+    def broken(*args):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(pipeline_module, "_info_for", broken)
+    with pytest.raises(RuntimeError, match="broken"):
+        pipe.load(path)
+    assert key not in pipe.models and key not in pipe.generator.models
+    monkeypatch.undo()
+    assert pipe.load(path).key == key and key in pipe.generator.models
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("preprocess", "edges"),
+        ("preprocess", "unpaired"),  # an unpaired model's preparation, not an override for paired ones
+        ("preprocess", ""),
+        ("seed", -1),
+        ("seed", MAX_SEED + 1),
+        ("seed", True),
+        ("seed", 1.5),
+        ("seed", "3"),
+        ("seed", None),
+    ],
+)
+def test_translate_refuses_preprocess_and_seed_values_it_does_not_know(pipe, option, value):
+    for call in (pipe.translate, lambda *a, **kw: pipe.translate_batch([a[0]], *a[1:], **kw)):
+        with pytest.raises(ValueError, match=f"^{option} must be"):
+            call(drawing(), "edge_to_image", "a cat", **{option: value})
+
+
+def test_translate_takes_every_known_preprocess_and_numpy_integer_seeds(pipe):
+    for preprocess in ("canny", "sketch", "none", None):
+        result = pipe.translate(drawing(), "edge_to_image", "a cat", preprocess=preprocess)
+        assert result.image.size == (72, 56)
+    want = pipe.translate(drawing(), "sketch_to_image_stochastic", "a cat", seed=MAX_SEED)
+    got = pipe.translate(drawing(), "sketch_to_image_stochastic", "a cat", seed=np.uint32(MAX_SEED))
+    assert np.array_equal(np.asarray(want.image), np.asarray(got.image))

@@ -187,6 +187,17 @@ def read_entry(path: Path, version: tuple[int, int]) -> FolderModel:
     """Read a checkpoint file fully (so a broken one is found now, not when a user picks it)."""
     try:
         ckpt = load_checkpoint(path)
+        # built inside the try: whatever a file holds must not stop the app from listing the others
+        return FolderModel(
+            path=path,
+            status="ok",
+            kind=ckpt.kind,
+            stochastic=ckpt.stochastic,
+            input=ckpt.input,
+            directions=ckpt.directions,
+            prompts=dict(ckpt.prompts),
+            version=version,
+        )
     except CheckpointError as e:
         reason = str(e).replace(f"{path}: ", "").replace(str(path), path.name)
         logger.warning("unusable checkpoint %s: %s", path, reason)
@@ -194,13 +205,3 @@ def read_entry(path: Path, version: tuple[int, int]) -> FolderModel:
     except Exception as e:  # a reader bug must not stop the app from listing the other files
         logger.exception("reading %s failed", path)
         return FolderModel(path, "unusable", f"{type(e).__name__}: {e}", version=version)
-    return FolderModel(
-        path=path,
-        status="ok",
-        kind=ckpt.kind,
-        stochastic=ckpt.stochastic,
-        input=ckpt.input,
-        directions=ckpt.directions,
-        prompts=dict(ckpt.prompts),
-        version=version,
-    )

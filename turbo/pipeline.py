@@ -12,6 +12,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 
 import torch
@@ -65,6 +66,24 @@ class Translation:
 
 # Seeds the app and the CLI take: exact in the browser's numbers (doubles), the same in both.
 MAX_SEED = 2**32 - 1
+# What `preprocess` may override a paired model's input preparation with.
+PREPROCESS_CHOICES = ("canny", "sketch", "none")
+
+
+def _check_seed(seed: object) -> int:
+    """`seed` as an int if it is a whole number in 0..MAX_SEED (not a bool, not a float); else ValueError."""
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    return int(seed)
+
+
+def _check_preprocess(preprocess: object) -> str | None:
+    """`preprocess` if it is None (the model's own) or one of PREPROCESS_CHOICES; else ValueError."""
+    if preprocess is not None and preprocess not in PREPROCESS_CHOICES:
+        raise ValueError(
+            f"preprocess must be one of {', '.join(PREPROCESS_CHOICES)} (or None), got {preprocess!r}"
+        )
+    return preprocess
 
 
 def noise_map(seed: int, height: int, width: int) -> torch.Tensor:
@@ -166,14 +185,15 @@ class Pipeline:
                 self.models.move_to_end(key)
                 return info
             ckpt = load_checkpoint(path if path is not None else checkpoint_path(key, self.cache_dir))
-            if info is not None:
-                self.unload(key)
+            # Everything that can fail is done before the generator takes the model, so a failed load
+            # leaves nothing behind (a retry would otherwise find the name taken).
+            info = _info_for(key, ckpt, version)
+            self.unload(key)  # the version read before, if any
             while len(self.models) >= self.max_models:
                 oldest = next(iter(self.models))
                 logger.info("evicting %s from the model cache", oldest)
                 self.unload(oldest)
             self.generator.add_checkpoint(key, ckpt)
-            info = _info_for(key, ckpt, version)
             self.models[key] = info
             return info
 
@@ -214,7 +234,7 @@ class Pipeline:
         """PIL image -> model input (1, 3, H, W) (H, W multiples of 8) and the condition image shown
         to users (edges/sketch, or None). `preprocess` overrides a paired model's own preparation."""
         kind = info.input
-        if preprocess is not None:
+        if _check_preprocess(preprocess) is not None:
             if info.kind != "paired":
                 raise ValueError("a preprocessing override applies to paired models only")
             kind = preprocess
@@ -277,7 +297,9 @@ class Pipeline:
         """Translate one image with `model` (released name or checkpoint path).
 
         gamma in [0, 1] (stochastic mode, paired models; default: the model's, else deterministic);
-        the noise map comes from `seed` (see `noise_map`). Returns an image of the input's size.
+        the noise map comes from `seed`, a whole number in 0..MAX_SEED (see `noise_map`).
+        preprocess: None (the model's own) or one of PREPROCESS_CHOICES, for paired models.
+        Returns an image of the input's size.
         """
         return self.translate_batch(
             [image], model, prompt, direction, gamma, seed, canny_low, canny_high, preprocess, batch_size=1
@@ -304,6 +326,8 @@ class Pipeline:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        # before the images and the model load: a wrong argument should not cost a download first
+        seed, preprocess = _check_seed(seed), _check_preprocess(preprocess)
         images = [
             im if isinstance(im, Image.Image) else pp.load_image(im, max_side=self.max_side) for im in images
         ]
