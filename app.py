@@ -28,6 +28,7 @@ import gradio as gr  # noqa: E402
 
 from turbo.app_handlers import MAX_SEED, NO_STYLE, STYLE_CHOICES, TurboApp  # noqa: E402
 from turbo.base import DEFAULT_BASE, DTYPES, BaseModelError  # noqa: E402
+from turbo.cli import check_device  # noqa: E402
 from turbo.models_folder import ModelsFolder  # noqa: E402
 from turbo.pipeline import get_pipeline  # noqa: E402
 from turbo.registry import DEFAULT_STYLE  # noqa: E402
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models-dir", type=Path, default=Path("checkpoints"), help="folder watched for checkpoints"
     )
-    p.add_argument("--device", default=None, help="cuda, mps, cpu (default: the best available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: the best available)")
     p.add_argument(
         "--dtype", choices=list(DTYPES), default=None, help="default: fp16 on cuda, fp32 elsewhere"
     )
@@ -129,7 +130,9 @@ def default_host() -> str:
 
 
 def create_app(args: argparse.Namespace) -> TurboApp:
-    """Load the base (BaseModelError if it cannot be) and scan the models folder."""
+    """Load the base (BaseModelError if it cannot be, or if the device cannot run it) and scan the
+    models folder."""
+    check_device(args.device)  # "meta" and the like would load, then fail at the first translation
     key = (args.base, args.device, args.dtype)
     get_pipeline(*key, max_models=args.max_models, restore=args.restore)
     folder = ModelsFolder(args.models_dir, settle_seconds=args.settle_seconds)

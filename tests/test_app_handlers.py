@@ -428,3 +428,65 @@ def test_host_is_loopback_except_on_spaces(monkeypatch):
     assert app_module.default_host() == "0.0.0.0"
     args = app_module.build_parser().parse_args([])
     assert args.models_dir == Path("checkpoints") and args.host is None
+
+
+def test_a_big_sketch_is_limited_like_an_upload(app):
+    big = sketch_image(300)  # app's max_side is 96
+    image, condition, _, status, _ = app.run("sketch", "sketch.safetensors", {"composite": big}, None, "a")
+    assert image.size == (96, 96) and condition.size == (96, 96)
+    assert "downscaled from 300x300 to 96x96" in status and app.warnings == []
+    # one thin stroke on a big canvas still counts as a drawing (checked before the downscale)
+    thin = Image.new("L", (400, 400), 255)
+    ImageDraw.Draw(thin).line([(10, 200), (390, 200)], fill=0, width=1)
+    status = app.run("sketch", "sketch.safetensors", {"composite": thin}, None, "a")[3]
+    assert "Done in" in status and "downscaled from 400x400" in status
+
+
+def test_gamma_and_canny_values_of_any_kind_are_used_or_refused_clearly(app):
+    sketch = {"composite": sketch_image()}
+
+    def sketch_run(gamma):
+        return app.run("sketch", "sketch.safetensors", sketch, None, "a", NO_STYLE, gamma, 42)
+
+    def edges_run(low, high):
+        return app.run("upload", "edges.safetensors", None, photo(), "a", NO_STYLE, 0.4, 42, low, high)
+
+    want = np.asarray(sketch_run(0.5)[0])
+    for same in (np.float32(0.5), np.float64(0.5), np.array(0.5), "0.5"):
+        image, *_, status, _ = sketch_run(same)
+        assert np.array_equal(np.asarray(image), want) and "Gamma 0.50" in status, (same, status)
+    assert "Gamma 0.40" in sketch_run(None)[3]  # an emptied slider: the model's default
+    for bad in (float("nan"), float("inf"), np.float32("nan"), "lots", [0.5], 1.5):
+        image, *_, status, _ = sketch_run(bad)
+        assert image is None and "gamma must be a number from 0 to 1, got" in status, (bad, status)
+    assert "got nan" in sketch_run(np.float32("nan"))[3]  # shown as a number, not np.float32(nan)
+    want = np.asarray(edges_run(100, 200)[1])
+    for low, high in ((np.int64(100), np.float32(200)), (100.0, np.array(200)), ("100", 199.6)):
+        condition = edges_run(low, high)[1]
+        assert condition is not None and np.array_equal(np.asarray(condition), want), (low, high)
+    warned = len(app.warnings)
+    for low, high, message in (
+        (None, 200, "the Canny low threshold must be a number from 0 to 255, got None"),
+        (float("nan"), 200, "the Canny low threshold must be a number from 0 to 255, got nan"),
+        (100, float("inf"), "the Canny high threshold must be a number from 0 to 255, got inf"),
+        (100, "high", "the Canny high threshold must be a number from 0 to 255, got 'high'"),
+        (np.int64(250), np.int64(200), "got low=250, high=200"),
+    ):
+        image, _, _, status, _ = edges_run(low, high)
+        assert image is None and status.startswith("⚠️") and message == app.warnings[-1][-len(message) :]
+    assert len(app.warnings) == warned + 5 and not any("translation failed" in w for w in app.warnings)
+    # a model without that control ignores what the hidden sliders hold
+    status = app.run("upload", "unpaired.safetensors (a2b)", None, photo(), None, NO_STYLE, None, 1, None)[3]
+    assert "Done in" in status
+
+
+def test_a_device_that_cannot_run_the_models_is_refused_before_loading(tmp_path, capsys):
+    import app as app_module
+    from turbo.base import BaseModelError
+
+    args = app_module.build_parser().parse_args(["--base", str(tmp_path / "no_base"), "--device", "meta"])
+    with pytest.raises(BaseModelError, match="device 'meta' cannot run the models: choose cpu, cuda"):
+        app_module.create_app(args)
+    assert app_module.main(["--base", str(tmp_path / "no_base"), "--device", "meta"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: device 'meta' cannot run") and len(err.strip().splitlines()) == 1

@@ -1,6 +1,8 @@
 """`python -m turbo`: translate and convert, and one clear line for every bad input."""
 
+import os
 import pickle
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -250,3 +252,124 @@ def test_a_huge_image_is_written_at_its_own_size(files, tiny_base_dir, tmp_path,
     small = load_image(tmp_path / "wide.png", max_side=2048)
     want = pipe.translate(small, files / "cycle.pkl", "night").image.resize((2100, 40), Image.LANCZOS)
     assert np.array_equal(np.asarray(got), np.asarray(want))
+
+
+def _lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+def _one_error_line(code: int, err: str, message: str) -> bool:
+    lines = _lines(err)
+    return code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_convert_never_loses_a_file_and_writes_normal_permissions(files, tmp_path, capsys):
+    original = tmp_path / "model.pkl"
+    original.write_bytes((files / "sketch.pkl").read_bytes())
+    before = original.read_bytes()
+    (tmp_path / "link.safetensors").symlink_to(original)  # the input under another name
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    taken = tmp_path / "taken.safetensors"
+    taken.write_bytes(b"someone's model")
+    cases = {
+        "in place": (original, "is the input file"),
+        "in place through a link": (tmp_path / "link.safetensors", "is the input file"),
+        "a folder": (tmp_path / "folder", "is a folder; give a file name, e.g."),
+        "another format": (tmp_path / "model.bin", "must end in .safetensors"),
+        "no suffix": (tmp_path / "model", "must end in .safetensors"),
+        "under a file": (tmp_path / "a_file" / "m.safetensors", "a_file is a file, not a folder"),
+        "existing": (taken, "already exists; pass --overwrite to replace it"),
+    }
+    for what, (output, message) in cases.items():
+        code, _, err = run(["convert", str(original), str(output)], capsys)
+        lines = _lines(err)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (
+            what,
+            err,
+        )
+    assert original.read_bytes() == before and taken.read_bytes() == b"someone's model"
+    assert not (tmp_path / "model.bin").exists() and list((tmp_path / "folder").iterdir()) == []
+    assert (tmp_path / "link.safetensors").is_symlink()
+    old_umask = os.umask(0o027)
+    try:
+        assert run(["convert", str(original), str(tmp_path / "new.safetensors")], capsys)[0] == 0
+        os.umask(0o002)
+        assert run(["convert", str(original), str(tmp_path / "new2.safetensors")], capsys)[0] == 0
+        taken.chmod(0o604)  # an existing file keeps its permissions, as open() would leave them
+        assert run(["convert", str(original), str(taken), "--overwrite"], capsys)[0] == 0
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "new.safetensors").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "new2.safetensors").stat().st_mode) == 0o664
+    assert stat.S_IMODE(taken.stat().st_mode) == 0o604
+    assert load_checkpoint(taken).kind == "paired" and original.read_bytes() == before
+
+
+def test_folder_translation_keeps_existing_outputs_unless_overwrite(files, tiny_base_dir, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 32), (60 * i, 90, 200)).save(folder / f"img{i}.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "img1.png").write_bytes(b"mine")
+    (tmp_path / "in_link").symlink_to(folder)
+    argv = ["translate", "--model", str(files / "cycle.pkl"), "--input", str(folder), "--output", str(out)]
+    argv += ["--base", str(tiny_base_dir), "--prompt", "night"]
+    code, stdout, _ = run(argv, capsys)
+    assert code == 1 and "wrote 2 images" in stdout and "(1 skipped)" in stdout
+    assert "skipped 1 image whose output is already in" in stdout and "--overwrite replaces them" in stdout
+    assert (out / "img1.png").read_bytes() == b"mine"
+    assert Image.open(out / "img0.png").size == (40, 32) and Image.open(out / "img2.png").size == (40, 32)
+    # a rerun has nothing left to do: it says so without loading the base (this one does not exist)
+    rerun = [a if a != str(tiny_base_dir) else str(tmp_path / "no_base") for a in argv]
+    code, stdout, err = run(rerun, capsys)
+    assert code == 1 and "wrote 0 images" in stdout and "(3 skipped)" in stdout and "error" not in err
+    assert (out / "img1.png").read_bytes() == b"mine"
+    code, stdout, _ = run([*argv, "--overwrite"], capsys)
+    assert code == 0 and "wrote 3 images" in stdout and "skipped" not in stdout
+    assert Image.open(out / "img1.png").size == (40, 32)
+    # the input folder as output, through a link: refused before anything is looked up
+    code, _, err = run([*argv[:6], str(tmp_path / "in_link"), "--overwrite"], capsys)
+    assert code == 2 and "is the input folder" in _lines(err)[-1]
+
+
+def test_bad_thresholds_and_devices_give_one_line_before_any_work(files, tiny_base_dir, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 32), (60 * i, 90, 200)).save(folder / f"img{i}.png")
+    # an unknown model and a missing base: either would be named if the check came later
+    argv = ["translate", "--model", "edge_to_picasso", "--base", str(tmp_path / "no_base")]
+    argv += ["--input", str(folder), "--output", str(tmp_path / "out")]
+    cases = {
+        "low over high": (["--canny-low", "201"], "0 <= low <= high <= 255, got low=201, high=200"),
+        "negative": (["--canny-low", "-1"], "0 <= low <= high <= 255, got low=-1"),
+        "over 255": (["--canny-high", "256"], "got low=100, high=256"),
+        "meta device": (["--device", "meta"], "device 'meta' cannot run the models: choose cpu, cuda"),
+    }
+    for what, (extra, message) in cases.items():
+        code, stdout, err = run([*argv, *extra], capsys)
+        lines = _lines(err)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], (
+            what,
+            err,
+        )
+        assert "skipped" not in stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_argument_types_name_what_they_want(capsys):
+    base = ["translate", "--model", "x", "--input", "x", "--output", "x.png"]
+    for extra, message in (
+        (["--seed", "1.5"], "--seed: must be a whole number in 0..4294967295 (2**32 - 1), got '1.5'"),
+        (["--batch-size", "two"], "--batch-size: must be a whole number, at least 1, got 'two'"),
+        (["--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
+        (["--canny-low", "1e2"], "--canny-low: must be a whole number in 0..255, got '1e2'"),
+        (["--gamma", "half"], "--gamma: must be a number in [0, 1], got 'half'"),
+    ):
+        with pytest.raises(SystemExit):
+            main([*base, *extra])
+        err = capsys.readouterr().err
+        assert message in err and "invalid" not in err, err

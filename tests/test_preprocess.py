@@ -17,8 +17,11 @@ from turbo.preprocess import (
     ThresholdError,
     build_transform,
     canny_edges,
+    check_canny_thresholds,
     invert,
+    limit_size,
     load_image,
+    load_image_limited,
     resize_to_multiple_of_8,
     restore_size,
     to_model_input,
@@ -204,6 +207,30 @@ def test_canny_thresholds_are_checked(low, high):
     with pytest.raises(ThresholdError, match="thresholds"):
         canny_edges(_scene(), low, high)
     assert issubclass(ThresholdError, ValueError)
+
+
+def test_thresholds_are_checked_without_an_image():
+    check_canny_thresholds(0, 0)
+    check_canny_thresholds(100, 255)
+    for low, high in [(-1, 100), (200, 100), (10, 256), (float("nan"), 200), (100, float("inf"))]:
+        with pytest.raises(ThresholdError, match="0 <= low <= high <= 255"):
+            check_canny_thresholds(low, high)
+
+
+def test_limit_size_downscales_a_loaded_image_as_load_image_limited_does(tmp_path):
+    image = _scene((64, 40))
+    image.save(tmp_path / "scene.png")
+    small, size = limit_size(image, 32)
+    assert size == (64, 40) and small.size == (32, 20)
+    from_file, file_size = load_image_limited(tmp_path / "scene.png", 32)
+    assert file_size == size
+    np.testing.assert_array_equal(np.asarray(small), np.asarray(from_file))
+    same, size = limit_size(image, 64)
+    assert same is image and size == (64, 40)
+    with pytest.raises(ImageError, match="too narrow: 600x9 pixels"):
+        limit_size(_scene((600, 9)), 64)
+    with pytest.raises(ImageError, match="positive"):
+        limit_size(image, 0)
 
 
 def test_sketch_input_is_one_on_dark_pixels():

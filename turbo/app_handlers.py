@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import html
 import logging
+import math
 import random
 import tempfile
 from collections import deque
@@ -27,7 +28,14 @@ from turbo.checkpoint import CheckpointError
 from turbo.download import DownloadError
 from turbo.models_folder import FolderModel, ModelsFolder, UploadError
 from turbo.pipeline import MAX_SEED, GammaError, ModelInfo, Pipeline, PromptError, Translation, get_pipeline
-from turbo.preprocess import ImageError, load_image, load_image_limited
+from turbo.preprocess import (
+    ImageError,
+    ThresholdError,
+    check_canny_thresholds,
+    limit_size,
+    load_image,
+    load_image_limited,
+)
 from turbo.registry import RELEASED, STYLES, UnknownModelError, styled_prompt
 
 logger = logging.getLogger(__name__)
@@ -78,6 +86,48 @@ def parse_seed(value: float | str | None) -> int:
     if not whole or not 0 <= seed <= MAX_SEED:
         raise SeedError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {value}")
     return seed
+
+
+def _number(value: object) -> float | None:
+    """value as a finite float (Python and numpy numbers, 0-d arrays, numeric text), else None."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        number = float(value)  # numpy scalars and 0-d arrays convert; None, lists and words do not
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _shown(value: object) -> str:
+    """A slider value for a message: text quoted, numbers (numpy ones too) as plain numbers."""
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def parse_gamma(value: object) -> float | None:
+    """The gamma slider's value as a float in [0, 1]; empty (None or "") gives None, the model's
+    default. GammaError otherwise (NaN, infinity, text, out of range)."""
+    if value is None or value == "":
+        return None
+    gamma = _number(value)
+    if gamma is None or not 0.0 <= gamma <= 1.0:
+        raise GammaError(f"gamma must be a number from 0 to 1, got {_shown(value)}")
+    return gamma
+
+
+def parse_canny(low: object, high: object) -> tuple[int, int]:
+    """The Canny sliders' values as whole numbers (rounded) with 0 <= low <= high <= 255;
+    ThresholdError for empty, NaN, text or out-of-range values."""
+    values = []
+    for name, value in (("low", low), ("high", high)):
+        number = _number(value)
+        if number is None:
+            raise ThresholdError(
+                f"the Canny {name} threshold must be a number from 0 to 255, got {_shown(value)}"
+            )
+        values.append(round(number))
+    check_canny_thresholds(*values)
+    return values[0], values[1]
 
 
 @dataclass(frozen=True)
@@ -328,12 +378,16 @@ class TurboApp:
             if composite is None:
                 raise MissingInputError("the canvas is empty: draw something with the brush")
             image = load_image(composite)
+            # looked at full size: a thin stroke can fade under the threshold when downscaled
             if np.asarray(image.convert("L")).min() >= 128:
                 raise MissingInputError("the canvas is empty: draw something with the brush (dark strokes)")
-            return image, ""
-        if upload is None or (isinstance(upload, str) and not upload):
-            raise MissingInputError("no image yet: upload one (or paste it from the clipboard)")
-        image, size = load_image_limited(upload, self.max_side)  # size as the user sees it (EXIF rotated)
+            # a big canvas (or an API client) costs as much as a big upload: same limit
+            image, size = limit_size(image, self.max_side)
+        else:
+            if upload is None or (isinstance(upload, str) and not upload):
+                raise MissingInputError("no image yet: upload one (or paste it from the clipboard)")
+            # size as the user sees it (EXIF rotated)
+            image, size = load_image_limited(upload, self.max_side)
         if image.size != size:
             return image, f" (downscaled from {size[0]}x{size[1]} to {image.width}x{image.height})"
         return image, ""
@@ -351,7 +405,9 @@ class TurboApp:
         canny_low: float = 100,
         canny_high: float = 200,
     ) -> tuple:
-        """Translate the current input. source: "sketch" | "upload"; seed: 0..MAX_SEED (empty: 0).
+        """Translate the current input. source: "sketch" | "upload"; seed: 0..MAX_SEED (empty: 0);
+        gamma: 0..1 (empty: the model's default; used by stochastic models only); canny_low, canny_high:
+        0..255, low <= high (used by edge models only). Python or numpy numbers.
 
         Returns (output image or None, condition image or None, result file path or None, status
         text, source). Errors come back as a status message (and a warning); nothing is raised.
@@ -359,6 +415,9 @@ class TurboApp:
         try:
             c = self.choice(label)
             seed = parse_seed(seed)
+            # checked only where used: a model without that control ignores a stale or empty value
+            gamma = parse_gamma(gamma) if c.stochastic else None
+            canny_low, canny_high = parse_canny(canny_low, canny_high) if c.input == "canny" else (100, 200)
             image, note = self.input_image(source, sketch, upload)
         except MissingInputError as e:  # a hint, not a fault: live events would pop it up repeatedly
             return None, None, None, f"ℹ️ {html.escape(str(e))}", source
@@ -372,8 +431,7 @@ class TurboApp:
             self.pipeline.load(c.model)  # downloads and file reads happen outside the GPU function
             result = gpu_translate(
                 self.pipeline_key, image, c.model, prompt=text or None, direction=c.direction,
-                gamma=float(gamma) if c.stochastic and gamma is not None else None,
-                seed=seed, canny_low=int(canny_low), canny_high=int(canny_high),
+                gamma=gamma, seed=seed, canny_low=canny_low, canny_high=canny_high,
             )  # fmt: skip
         except USER_ERRORS as e:
             if isinstance(e, CheckpointError) and not c.released:

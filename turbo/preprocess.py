@@ -82,7 +82,17 @@ def load_image_limited(source: ImageSource, max_side: int) -> tuple[Image.Image,
     """
     if max_side < 1:
         raise ImageError(f"max_side must be a positive number of pixels, got {max_side}")
-    image = load_image(source)
+    return limit_size(load_image(source), max_side)
+
+
+def limit_size(image: Image.Image, max_side: int) -> tuple[Image.Image, tuple[int, int]]:
+    """An already loaded image downscaled as `load_image_limited` does, and its size before.
+
+    For callers that look at the full-size image first (the app checks a sketch for strokes before
+    thin ones could fade in the downscale). ImageError as in `load_image_limited`.
+    """
+    if max_side < 1:
+        raise ImageError(f"max_side must be a positive number of pixels, got {max_side}")
     size = image.size
     if max(size) > max_side:
         short = min(_downscaled_size(size, max_side))
@@ -179,16 +189,27 @@ def _downscale(image: Image.Image, max_side: int) -> Image.Image:
     return image.resize(size, Image.LANCZOS)
 
 
+def check_canny_thresholds(low: float, high: float) -> None:
+    """ThresholdError unless 0 <= low <= high <= 255.
+
+    cv2.Canny itself takes any numbers (it swaps low > high, and on 8-bit images gradients go past
+    255), but the original app's sliders stop at 255 and a swapped pair is more likely a typo than a
+    wish, so callers check once, before any work (a CLI folder run would otherwise fail per image).
+    NaN fails too (every comparison with it is false).
+    """
+    if not 0 <= low <= high <= 255:
+        raise ThresholdError(
+            f"Canny thresholds must satisfy 0 <= low <= high <= 255, got low={low}, high={high}"
+        )
+
+
 def canny_edges(image: Image.Image, low: int = 100, high: int = 200) -> Image.Image:
     """Canny edges of an RGB image, as the original `canny_from_pil` computes them.
 
     Returns an RGB image with three equal channels, each pixel 0 or 255 (edges are 255).
     Thresholds must satisfy 0 <= low <= high <= 255 (else ThresholdError).
     """
-    if not 0 <= low <= high <= 255:
-        raise ThresholdError(
-            f"Canny thresholds must satisfy 0 <= low <= high <= 255, got low={low}, high={high}"
-        )
+    check_canny_thresholds(low, high)
     if image.mode != "RGB":
         image = image.convert("RGB")
     edges = cv2.Canny(np.asarray(image), low, high)
