@@ -279,3 +279,84 @@ def test_unpaired_items_and_reproducible_randomness(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(first, same, strict=True))
     later = [picks(ds, epoch) for epoch in (1, 2, 3)]
     assert any(not torch.equal(a, b) for run in later for a, b in zip(first, run, strict=True))
+
+
+# --- what would fail only in the middle of training -------------------------------------------------
+
+
+def truncated_jpeg(path: Path, seed: int = 0) -> None:
+    save(path.with_suffix(".tmp.png"), size=(64, 64), seed=seed)
+    Image.open(path.with_suffix(".tmp.png")).save(path, format="JPEG", quality=90)
+    path.with_suffix(".tmp.png").unlink()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_a_truncated_jpeg_is_found_up_front(tmp_path):
+    root = make_paired(tmp_path / "paired", names=("a.png", "b.jpg"))
+    truncated_jpeg(root / "train_B" / "b.jpg")
+    with Image.open(root / "train_B" / "b.jpg") as image:
+        image.verify()  # what the check used to rely on: it passes
+    message, problems = problems_of(check_paired_dataset, root)
+    assert len(problems) == 1 and "unreadable images (1)" in message
+    assert f"{root / 'train_B' / 'b.jpg'}: OSError: image file is truncated" in message
+    root = make_unpaired(tmp_path / "unpaired")
+    truncated_jpeg(root / "train_A" / "x.JPG")
+    message, problems = problems_of(check_unpaired_dataset, root)
+    assert len(problems) == 1 and f"{root / 'train_A' / 'x.JPG'}: OSError" in message
+
+
+def test_no_resize_batches_need_one_size(tmp_path):
+    root = make_paired(tmp_path / "paired", names=("a.png", "b.png", "c.png"))
+    for side in "AB":
+        save(root / f"train_{side}" / "c.png", size=(50, 40))  # 48x40 after the crop to multiples of 8
+    check_paired_dataset(root, image_prep="no_resize", batch_size=1)  # one image per batch: fine
+    message, problems = problems_of(check_paired_dataset, root, image_prep="no_resize", batch_size=2)
+    assert "a batch of 2 needs one" in message and len(problems) == 2
+    assert f"32x32: 2 image(s), e.g. {root / 'train_A' / 'a.png'}" in message
+    assert f"48x40: 1 image(s), e.g. {root / 'train_A' / 'c.png'}" in message
+    with pytest.raises(DatasetError, match="48x40"):
+        PairedDataset(root, "train", "no_resize", batch_size=2)
+    PairedDataset(root, "train", "resize_256", batch_size=2)  # a resizing preparation: one size anyway
+    # unpaired: each domain needs one size (A and B may differ)
+    root = make_unpaired(tmp_path / "unpaired")
+    check_unpaired_dataset(root, image_prep="no_resize", batch_size=2)  # A 32x24, B 40x40
+    save(root / "train_A" / "w.png", size=(40, 24))
+    message, problems = problems_of(check_unpaired_dataset, root, image_prep="no_resize", batch_size=2)
+    assert f"images of different sizes in {root / 'train_A'}" in message and len(problems) == 2
+    assert f"40x24: 1 image(s), e.g. {root / 'train_A' / 'w.png'}" in message
+
+
+def test_unpaired_images_under_8_px_are_named_up_front(tmp_path):
+    root = make_unpaired(tmp_path)
+    save(root / "train_B" / "thin.png", size=(6, 20))
+    check_unpaired_dataset(root, image_prep="resize_256")  # resized: fine
+    message, _ = problems_of(check_unpaired_dataset, root, image_prep="no_resize")
+    thin = root / "train_B" / "thin.png"
+    assert f"images smaller than 8 px (no_resize) (1):\n    - {thin}: 6x20" in message
+    # unchecked, the item that meets it says which file it is
+    ds = UnpairedDataset(root, "train", "no_resize", seed=0, check=False)
+    ds.names_src, ds.names_tgt = ds.names_src[:1], ["thin.png"]
+    with pytest.raises(DatasetError, match=f"{root / 'train_B' / 'thin.png'}: image is too small"):
+        ds[0]
+
+
+def test_a_test_image_that_breaks_later_is_called_a_test_image(tmp_path):
+    root = make_paired(tmp_path, names=("a.png",))
+    for side in "AB":
+        (root / f"train_{side}").rename(root / f"test_{side}")
+    (root / "train_prompts.json").rename(root / "test_prompts.json")
+    ds = PairedDataset(root, "test", "no_resize")
+    (root / "test_B" / "a.png").write_bytes(b"broken since the check")
+    with pytest.raises(DatasetError, match="cannot load test image") as info:
+        ds[0]
+    assert str(root / "test_B" / "a.png") in str(info.value) and "training" not in str(info.value)
+
+
+def test_no_resize_sizes_are_those_after_the_exif_rotation(tmp_path):
+    root = make_paired(tmp_path, names=("a.jpg",), size=(48, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 32x48, shown (and loaded) turned by 90 degrees: 48x32
+    Image.fromarray(noise(32, 48, 1)).save(root / "train_A" / "a.jpg", exif=exif)
+    assert PairedDataset(root, "train", "no_resize")[0]["conditioning_pixel_values"].shape == (3, 32, 48)
+    check_paired_dataset(root, image_prep="no_resize")  # same size as its 48x32 partner once loaded

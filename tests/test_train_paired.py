@@ -13,6 +13,7 @@ from tiny import make_tiny_base
 from training_assets import (
     die_while_saving_state,
     flat,
+    make_domains_dataset,
     make_shapes_dataset,
     make_tiny_clip,
     max_diff,
@@ -22,8 +23,9 @@ from training_assets import (
 )
 
 from training.config import ConfigError
+from training.data import DatasetError
 from training.paired import PairedConfig, PairedTrainer, fid_resize, main, train
-from training.state import CheckpointWriter, load_state, resolve_checkpoint
+from training.state import CheckpointWriter, ResumeError, load_state, resolve_checkpoint
 from turbo.base import load_base
 from turbo.checkpoint import load_checkpoint
 from turbo.generator import Generator
@@ -226,6 +228,9 @@ def _broken_dataset(root: Path, problem: str) -> Path:
         (root / "train_prompts.json").write_text("{not json")
     elif problem == "unreadable image":
         (root / "train_A" / "002.png").write_bytes(b"not a png")
+    elif problem == "mixed sizes":  # no_resize keeps them, and a batch of 2 cannot stack them
+        for side in "AB":
+            Image.new("RGB", (40, 32)).save(root / f"train_{side}" / "001.png")
     return root
 
 
@@ -236,6 +241,7 @@ def _broken_dataset(root: Path, problem: str) -> Path:
         ("unpaired image", "without a partner"),
         ("bad json", "invalid JSON"),
         ("unreadable image", "002.png"),
+        ("mixed sizes", "40x32: 1 image(s), e.g."),
     ],
 )
 def test_dataset_problems_are_reported(assets, tmp_path, capsys, problem, message):
@@ -292,3 +298,41 @@ def test_an_interrupted_save_leaves_the_last_checkpoint_loadable(assets, tmp_pat
     writer.save(3, load_checkpoint(folder / "model.safetensors"), state | {"step": 3})
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000003"]
     assert resolve_checkpoint("latest", tmp_path / "run").name == "step_00000003"
+
+
+def test_a_failing_validation_keeps_its_steps_checkpoint_and_resume_guards(assets, tmp_path, capsys):
+    run = tmp_path / "run"
+    light = dict(lambda_gan=0, lambda_clipsim=0, max_steps=1, checkpoint_every=1)
+    trainer = PairedTrainer(config(assets, run, eval_every=1, **light))
+
+    def evaluate():  # validation breaks at step 1 (a test image gone bad, say)
+        if trainer.step >= 1:
+            raise DatasetError("cannot load test image: broken")
+        return {}
+
+    trainer.evaluate = evaluate
+    try:
+        with pytest.raises(DatasetError, match="test image"):
+            trainer.run()
+    finally:
+        trainer.rt.close()
+    assert resolve_checkpoint("latest", run).name == "step_00000001"  # saved before validating
+    # a fresh run in the same folder is refused, before anything loads
+    capsys.readouterr()
+    assert main(argv(config(assets, run, **light))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "already holds checkpoints" in err and "--resume latest" in err
+    # resuming with another model type or the other trainer is refused with the reason
+    with pytest.raises(ResumeError, match="saved without --stochastic, which makes a different model"):
+        train(config(assets, run, stochastic=True, resume="latest", **(light | {"max_steps": 2})))
+    from training.unpaired import UnpairedConfig
+    from training.unpaired import train as train_unpaired
+
+    unpaired = UnpairedConfig(
+        dataset=str(make_domains_dataset(tmp_path / "domains", n_train=(2, 2), n_test=(1, 1))),
+        output=str(run), base=str(assets["base"]), disc_backbone=str(assets["clip"]), lpips_pretrained=False,
+        train_image_prep="no_resize", batch_size=1, max_steps=2, rank_unet=8, eval_every=0, cpu=True,
+        report_to="none", lambda_cycle_lpips=0, lambda_idt_lpips=0, resume="latest",
+    )  # fmt: skip
+    with pytest.raises(ResumeError, match="a paired training checkpoint, and this is unpaired training"):
+        train_unpaired(unpaired)

@@ -300,3 +300,25 @@ def test_cli_defaults_are_the_originals_validation_and_recipe():
         parse_unpaired([*required, "--num-eval-samples", "-2"])
     with pytest.raises(ConfigError, match="--test-image-prep must be deterministic"):
         parse_unpaired([*required, "--test-image-prep", "resize_286_randomcrop_256x256_hflip"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dino-model", "{tmp}/no_dino_here"], "DINO model folder {tmp}/no_dino_here does not exist"),
+        (["--track-fid", "--fid-weights", "{tmp}/other.pt"], "not the FID Inception weights ("),
+        (["--track-fid", "--fid-weights", "{tmp}/garbage.pt"], "garbage.pt: cannot read it ("),
+    ],
+)
+def test_wrong_metric_networks_are_one_line(assets, tmp_path, capsys, flags, message):
+    torch.save({"conv.weight": torch.zeros(3)}, tmp_path / "other.pt")
+    (tmp_path / "garbage.pt").write_bytes(b"not a torch file")
+    cfg = config(assets, tmp_path / "run", eval_every=1, max_steps=1)
+    argv = ["--dataset", cfg.dataset, "--output", cfg.output, "--base", cfg.base, "--disc-backbone",
+            cfg.disc_backbone, "--dino-model", cfg.dino_model, "--no-lpips-pretrained", "--train-image-prep",
+            "no_resize", "--rank-unet", "4", "--max-steps", "1", "--eval-every", "1", "--cpu",
+            "--report-to", "none"]  # fmt: skip
+    assert main(argv + [f.format(tmp=tmp_path) for f in flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and message.format(tmp=tmp_path) in err
+    assert not (tmp_path / "run" / "checkpoints").exists()  # it stopped before training

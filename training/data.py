@@ -35,13 +35,14 @@ import json
 import logging
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torchvision.transforms.functional as TF
-from PIL import Image
+from PIL import ExifTags, Image
 
 from turbo.preprocess import MAX_PIXELS, ImageError, build_transform, load_image
 
@@ -99,23 +100,68 @@ def list_images(folder: str | os.PathLike) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
 
 
+def _loaded_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as `load_image` returns it: turned by its EXIF orientation."""
+    try:
+        turned = image.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+    except Exception:  # load_image ignores an unreadable EXIF block too
+        turned = False
+    return image.size[::-1] if turned else image.size
+
+
+def _inspect_image(path: Path) -> tuple[int, int] | str:
+    """An image's size (width, height) as loaded if it decodes completely, else what is wrong with it."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            image.verify()  # checksums (PNG's CRCs) that decoding does not check
+        if width == 0 or height == 0 or width * height > MAX_PIXELS:
+            return f"unusable size {width}x{height}"
+        # verify() reads no pixel data (a truncated JPEG passes it): decode every byte, as training
+        # will. A JPEG decodes at 1/8 scale here, which still reads its whole stream, several times
+        # faster.
+        with Image.open(path) as image:
+            size = _loaded_size(image)
+            image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+            image.load()
+    except Exception as exc:  # PIL raises many kinds (OSError, SyntaxError, struct.error, ...)
+        return f"{type(exc).__name__}: {exc}"
+    return size
+
+
 def _inspect_images(folder: Path, names: list[str], report: _Report) -> dict[str, tuple[int, int]]:
-    """Open and verify each image; returns the readable ones' sizes (width, height)."""
+    """Open, verify and decode each image (a few threads: PIL decodes without the GIL); returns the
+    readable ones' sizes (width, height)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(_inspect_image, [folder / name for name in names]))
     sizes = {}
-    for name in names:
-        path = folder / name
-        try:
-            with Image.open(path) as image:
-                size = image.size
-                image.verify()
-        except Exception as exc:  # PIL raises many kinds (OSError, SyntaxError, struct.error, ...)
-            report.add("unreadable images", f"{path}: {type(exc).__name__}: {exc}")
-            continue
-        if size[0] == 0 or size[1] == 0 or size[0] * size[1] > MAX_PIXELS:
-            report.add("unreadable images", f"{path}: unusable size {size[0]}x{size[1]}")
-            continue
-        sizes[name] = size
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, str):
+            report.add("unreadable images", f"{folder / name}: {result}")
+        else:
+            sizes[name] = result
     return sizes
+
+
+def _check_sizes(folder: Path, sizes: dict[str, tuple[int, int]], batch_size: int, report: _Report) -> None:
+    """What "no_resize" needs of a folder's images (sizes: width, height): sides of at least 8 px and,
+    to stack a batch of several, one size after the crop to multiples of 8."""
+    for name, size in sizes.items():
+        if min(size) < 8:
+            report.add("images smaller than 8 px (no_resize)", f"{folder / name}: {size[0]}x{size[1]}")
+    if batch_size < 2:
+        return
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, (w, h) in sizes.items():
+        if min(w, h) >= 8:
+            groups.setdefault((w - w % 8, h - h % 8), []).append(name)
+    if len(groups) > 1:
+        kind = (
+            f"images of different sizes in {folder} (no_resize keeps each size, cropped to multiples of 8; "
+            f"a batch of {batch_size} needs one: use --batch-size 1 or a resizing image preparation)"
+        )
+        for (w, h), names in sorted(groups.items(), key=lambda g: -len(g[1])):
+            report.add(kind, f"{w}x{h}: {len(names)} image(s), e.g. {folder / names[0]}")
 
 
 def _scan_folder(folder: Path, report: _Report) -> tuple[list[str], list[str]] | None:
@@ -228,7 +274,7 @@ class _PairedScan:
     prompts: dict[str, str]
 
 
-def _scan_paired(root: Path, split: str, image_prep: str | None) -> _PairedScan:
+def _scan_paired(root: Path, split: str, image_prep: str | None, batch_size: int = 1) -> _PairedScan:
     _check_split(split)
     report = _Report(f"paired dataset {root}, split {split!r}")
     folder_a, folder_b = root / f"{split}_A", root / f"{split}_B"
@@ -268,8 +314,7 @@ def _scan_paired(root: Path, split: str, image_prep: str | None) -> _PairedScan:
                     "pairs of different sizes (no_resize keeps sizes)",
                     f"{name}: {size[0]}x{size[1]} vs {other[0]}x{other[1]}",
                 )
-            if min(size) < 8:
-                report.add("images smaller than 8 px (no_resize)", f"{folder_a / name}")
+        _check_sizes(folder_a, sizes_a, batch_size, report)
     report.raise_if_any()
     present = set(names_a)
     order = [name for name in (prompts or {}) if name in present]
@@ -277,16 +322,17 @@ def _scan_paired(root: Path, split: str, image_prep: str | None) -> _PairedScan:
 
 
 def check_paired_dataset(
-    root: str | os.PathLike, split: str = "train", image_prep: str | None = None
+    root: str | os.PathLike, split: str = "train", image_prep: str | None = None, batch_size: int = 1
 ) -> None:
     """Check a paired dataset split; raise DatasetError listing EVERY problem found.
 
     Checks: folders and prompt file present, prompt file valid (JSON errors with line numbers),
     every image in A has a partner in B and vice versa, every image has a prompt and every prompt an
-    image, every image opens and verifies, the split is not empty. With image_prep="no_resize", also
-    that partners have equal sizes of at least 8 px.
+    image, every image opens, verifies and decodes completely, the split is not empty. With
+    image_prep="no_resize", also that partners have equal sizes of at least 8 px and, with a
+    batch_size over 1, that all pairs have one size (after the crop to multiples of 8).
     """
-    _scan_paired(Path(root), split, image_prep)
+    _scan_paired(Path(root), split, image_prep, batch_size)
 
 
 def _item_seed(seed: int | None, epoch: int, index: int) -> int:
@@ -296,11 +342,15 @@ def _item_seed(seed: int | None, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def crop_to_multiple_of_8(image: Image.Image) -> Image.Image:
-    """Centre-crop each side down to a multiple of 8 (no-op if already); sides under 8 px raise."""
+def crop_to_multiple_of_8(image: Image.Image, name: str | os.PathLike | None = None) -> Image.Image:
+    """Centre-crop each side down to a multiple of 8 (no-op if already); sides under 8 px raise
+    DatasetError (naming the image's file `name` if given)."""
     width, height = image.size
     if width < 8 or height < 8:
-        raise DatasetError(f"image is too small after preparation: {width}x{height}, each side must be >= 8")
+        where = f"{name}: " if name is not None else ""
+        raise DatasetError(
+            f"{where}image is too small after preparation: {width}x{height}, each side must be >= 8"
+        )
     new_w, new_h = width - width % 8, height - height % 8
     if (new_w, new_h) == (width, height):
         return image
@@ -308,16 +358,18 @@ def crop_to_multiple_of_8(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + new_w, top + new_h))
 
 
-def _prepare(transform: Callable[[Image.Image], Image.Image], image: Image.Image, seed: int) -> Image.Image:
+def _prepare(
+    transform: Callable[[Image.Image], Image.Image], image: Image.Image, seed: int, path: Path
+) -> Image.Image:
     """Apply a (possibly random) torchvision transform with its randomness fixed by seed.
 
     The same seed on same-sized images gives the same crop and flip; torch's global RNG is left as
-    it was.
+    it was. path: the image's file, for messages.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         image = transform(image)
-    return crop_to_multiple_of_8(image)
+    return crop_to_multiple_of_8(image, path)
 
 
 def _tokenize(tokenizer, caption: str) -> torch.Tensor:
@@ -330,11 +382,12 @@ def _tokenize(tokenizer, caption: str) -> torch.Tensor:
     ).input_ids[0]
 
 
-def _load(path: Path) -> Image.Image:
+def _load(path: Path, split: str) -> Image.Image:
     try:
         return load_image(path)
     except ImageError as exc:
-        raise DatasetError(f"cannot load training image: {exc}") from exc
+        what = {"train": "training"}.get(split, split)
+        raise DatasetError(f"cannot load {what} image: {exc}") from exc  # exc names the file
 
 
 class PairedDataset(torch.utils.data.Dataset):
@@ -342,7 +395,8 @@ class PairedDataset(torch.utils.data.Dataset):
 
     Items: "conditioning_pixel_values" (3, H, W) in [0, 1]; "output_pixel_values" (3, H, W) in
     [-1, 1]; "caption" (str); "input_ids" (77,) if a tokenizer is given. Input and target get the
-    same random crop/flip. check=True runs check_paired_dataset first.
+    same random crop/flip. check=True runs check_paired_dataset first (with batch_size: the
+    training batch, which with "no_resize" needs pairs of one size).
     """
 
     def __init__(
@@ -354,6 +408,7 @@ class PairedDataset(torch.utils.data.Dataset):
         *,
         seed: int | None = None,
         check: bool = True,
+        batch_size: int = 1,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -364,7 +419,7 @@ class PairedDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.epoch = 0
         if check:
-            scan = _scan_paired(self.root, split, image_prep)
+            scan = _scan_paired(self.root, split, image_prep, batch_size)
         else:
             _check_split(split)
             report = _Report(f"paired dataset {self.root}, split {split!r}")
@@ -385,11 +440,11 @@ class PairedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         name = self.names[index]
-        source = _load(self.input_folder / name)
-        target = _load(self.output_folder / name)
+        paths = self.input_folder / name, self.output_folder / name
+        source, target = (_load(p, self.split) for p in paths)
         item_seed = _item_seed(self.seed, self.epoch, index)
-        source = _prepare(self.transform, source, item_seed)
-        target = _prepare(self.transform, target, item_seed)
+        source = _prepare(self.transform, source, item_seed, paths[0])
+        target = _prepare(self.transform, target, item_seed, paths[1])
         if source.size != target.size:
             raise DatasetError(
                 f"{name}: input {source.size[0]}x{source.size[1]} and target"
@@ -431,7 +486,9 @@ def _read_caption(path: Path, report: _Report) -> str:
     return caption
 
 
-def _scan_unpaired(root: Path, split: str, verify: bool) -> _UnpairedScan:
+def _scan_unpaired(
+    root: Path, split: str, verify: bool, image_prep: str | None = None, batch_size: int = 1
+) -> _UnpairedScan:
     _check_split(split)
     report = _Report(f"unpaired dataset {root}, split {split!r}")
     folder_a, folder_b = root / f"{split}_A", root / f"{split}_B"
@@ -444,19 +501,26 @@ def _scan_unpaired(root: Path, split: str, verify: bool) -> _UnpairedScan:
         if scan is not None and not scan[0]:
             report.add("empty split", f"no images in {folder}")
     if verify:
-        _inspect_images(folder_a, names_a, report)
-        _inspect_images(folder_b, names_b, report)
+        sizes_a = _inspect_images(folder_a, names_a, report)
+        sizes_b = _inspect_images(folder_b, names_b, report)
+        if image_prep == "no_resize":  # every other preparation gives one size, 256 px or more
+            _check_sizes(folder_a, sizes_a, batch_size, report)
+            _check_sizes(folder_b, sizes_b, batch_size, report)
     report.raise_if_any()
     return _UnpairedScan(names_a, names_b, caption_a, caption_b)
 
 
-def check_unpaired_dataset(root: str | os.PathLike, split: str = "train") -> None:
+def check_unpaired_dataset(
+    root: str | os.PathLike, split: str = "train", image_prep: str | None = None, batch_size: int = 1
+) -> None:
     """Check an unpaired dataset split; raise DatasetError listing EVERY problem found.
 
     Checks: both folders present and non-empty, both caption files present, readable and not
-    empty, every image opens and verifies. A and B may differ in size and number.
+    empty, every image opens, verifies and decodes completely. A and B may differ in size and
+    number. With image_prep="no_resize", also that every image has sides of at least 8 px and, with
+    a batch_size over 1, that each domain's images have one size (after the crop to multiples of 8).
     """
-    _scan_unpaired(Path(root), split, verify=True)
+    _scan_unpaired(Path(root), split, verify=True, image_prep=image_prep, batch_size=batch_size)
 
 
 class UnpairedDataset(torch.utils.data.Dataset):
@@ -466,7 +530,8 @@ class UnpairedDataset(torch.utils.data.Dataset):
     always a random B image. Items: "pixel_values_src", "pixel_values_tgt" (3, H, W) in [-1, 1];
     "caption_src", "caption_tgt" (the fixed prompts); "input_ids_src", "input_ids_tgt" (77,) if a
     tokenizer is given. With a seed, the random picks and crops depend only on (seed, epoch, index).
-    check=True runs check_unpaired_dataset first.
+    check=True runs check_unpaired_dataset first (with image_prep and batch_size: with "no_resize",
+    images need sides of 8 px or more and, to batch several, one size per domain).
     """
 
     def __init__(
@@ -478,6 +543,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
         *,
         seed: int | None = None,
         check: bool = True,
+        batch_size: int = 1,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -486,7 +552,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
         self.tokenizer = tokenizer
         self.seed = seed
         self.epoch = 0
-        scan = _scan_unpaired(self.root, split, verify=check)
+        scan = _scan_unpaired(self.root, split, verify=check, image_prep=image_prep, batch_size=batch_size)
         self.source_folder = self.root / f"{split}_A"
         self.target_folder = self.root / f"{split}_B"
         self.names_src, self.names_tgt = scan.names_a, scan.names_b
@@ -507,8 +573,10 @@ class UnpairedDataset(torch.utils.data.Dataset):
         src_index = index if index < len(self.names_src) else int(rng.integers(len(self.names_src)))
         tgt_index = int(rng.integers(len(self.names_tgt)))
         seed_src, seed_tgt = (int(s) for s in rng.integers(0, 2**62, size=2))
-        source = _prepare(self.transform, _load(self.source_folder / self.names_src[src_index]), seed_src)
-        target = _prepare(self.transform, _load(self.target_folder / self.names_tgt[tgt_index]), seed_tgt)
+        src_path = self.source_folder / self.names_src[src_index]
+        tgt_path = self.target_folder / self.names_tgt[tgt_index]
+        source = _prepare(self.transform, _load(src_path, self.split), seed_src, src_path)
+        target = _prepare(self.transform, _load(tgt_path, self.split), seed_tgt, tgt_path)
         item = {
             "pixel_values_src": TF.normalize(TF.to_tensor(source), mean=[0.5], std=[0.5]),
             "pixel_values_tgt": TF.normalize(TF.to_tensor(target), mean=[0.5], std=[0.5]),

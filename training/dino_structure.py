@@ -19,6 +19,7 @@ DINO's interpolation).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -39,7 +40,7 @@ DINO_LAYER_NORM_EPS = 1e-6
 
 
 class DinoStructureInputError(ValueError):
-    """Images whose self-similarity matrices cannot be compared."""
+    """Images whose self-similarity matrices cannot be compared, or a DINO model folder that is not there."""
 
 
 def dino_preprocess() -> transforms.Compose:
@@ -87,11 +88,24 @@ def use_dino_position_interpolation(model: ViTModel) -> ViTModel:
     return model
 
 
+def _is_path(name: str) -> bool:
+    """Whether `name` cannot be a hub id ("name" or "owner/name") and so names a folder."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+
+
 def load_dino_vit(hub_id: str = DINO_HUB_ID, cache_dir: str | None = None) -> ViTModel:
     """DINO ViT from the Hugging Face hub (downloaded once into the HF cache), without pooler.
 
-    LayerNorm eps is set to DINO's 1e-6 whatever the hub config says.
+    LayerNorm eps is set to DINO's 1e-6 whatever the hub config says. A hub_id that can only be a
+    path (absolute, relative with "./" or "~", or with more than one "/") must be an existing folder.
     """
+    if not os.path.isdir(os.path.expanduser(hub_id)) and _is_path(hub_id):
+        raise DinoStructureInputError(
+            f"DINO model folder {hub_id} does not exist (pass a folder saved with save_pretrained, or a "
+            f"hub id such as {DINO_HUB_ID})"
+        )
+    if os.path.isdir(os.path.expanduser(hub_id)):
+        hub_id = os.path.expanduser(hub_id)
     return ViTModel.from_pretrained(
         hub_id, add_pooling_layer=False, cache_dir=cache_dir, layer_norm_eps=DINO_LAYER_NORM_EPS
     )

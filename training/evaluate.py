@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from training.data import DatasetError, crop_to_multiple_of_8, list_images
 from training.dino_structure import DINO_HUB_ID, DinoStructureDistance
-from training.fid import FIDExtractor, frechet_distance, stats_from_features
+from training.fid import FIDExtractor, fid_inception_v3, frechet_distance, stats_from_features
 from turbo.base import BaseModelError
 from turbo.download import DownloadError
 from turbo.preprocess import EVAL_IMAGE_PREPS, build_transform, load_image, to_model_input, to_pil
@@ -87,7 +87,7 @@ def test_files(dataset: str | Path, direction: str) -> tuple[list[Path], list[Pa
 
 def prepare(path: Path, image_prep: str) -> Image.Image:
     """Validation preparation: load as RGB, the image_prep transform, centre crop to multiples of 8."""
-    return crop_to_multiple_of_8(build_transform(image_prep)(load_image(path)))
+    return crop_to_multiple_of_8(build_transform(image_prep)(load_image(path)), path)
 
 
 class Evaluator:
@@ -204,21 +204,47 @@ def load_fid_weights(path: str) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise EvaluationError(f"--fid-weights {path}: no such file")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(p)
-    return torch.load(p, map_location="cpu", weights_only=True)
+            state = load_file(p)
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise many kinds for a file that is not theirs
+        raise EvaluationError(f"--fid-weights {path}: cannot read it ({_first_line(e)})") from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise EvaluationError(f"--fid-weights {path}: not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
+
+
+def fid_extractor(fid_weights: str | None, device: torch.device) -> FIDExtractor:
+    """The FID network with `--fid-weights` (None: the real weights, downloaded once)."""
+    if fid_weights is None:
+        return FIDExtractor(device=device, progress=False)
+    state = load_fid_weights(fid_weights)
+    try:
+        return FIDExtractor(state_dict=state, device=device, progress=False)
+    except RuntimeError as e:  # load_state_dict lists every missing and unexpected key
+        expected = fid_inception_v3().state_dict()
+        missing, unexpected = len(set(expected) - set(state)), len(set(state) - set(expected))
+        reshaped = sum(1 for k, v in state.items() if k in expected and v.shape != expected[k].shape)
+        raise EvaluationError(
+            f"--fid-weights {fid_weights}: not the FID Inception weights (of its {len(expected)} tensors "
+            f"{missing} missing, {reshaped} of another shape; {unexpected} unexpected)"
+        ) from e
 
 
 def build_metrics(
     no_fid: bool, no_dino: bool, dino_model: str, fid_weights: str | None, device: torch.device
 ) -> tuple[FIDExtractor | None, DinoStructureDistance | None]:
     """The metric networks the flags ask for (None where skipped)."""
-    fid = None
-    if not no_fid:
-        state = load_fid_weights(fid_weights) if fid_weights else None
-        fid = FIDExtractor(state_dict=state, device=device, progress=False)
+    fid = None if no_fid else fid_extractor(fid_weights, device)
     dino = None if no_dino else DinoStructureDistance(device=device, hub_id=dino_model)
     return fid, dino
 

@@ -121,7 +121,7 @@ class PairedTrainer(Trainer):
     """One training run; build it on every process, then call `run()` (the loop, checkpoints and
     resuming are `training.trainer.Trainer`'s; the objective and validation are here)."""
 
-    mismatch_hint = "other ranks or --stochastic?"
+    kind = "paired"
 
     def __init__(
         self,
@@ -134,7 +134,9 @@ class PairedTrainer(Trainer):
         them from cfg (benchmarks build random full-size networks in memory)."""
         super().__init__(cfg, rt)
         rt, dev = self.rt, self.rt.device
-        self.train_set = PairedDataset(cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed)
+        self.train_set = PairedDataset(
+            cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed, batch_size=cfg.batch_size
+        )
         self.val_set = None
         if cfg.eval_every > 0 and cfg.num_eval_samples != 0:
             if (Path(cfg.dataset) / "test_A").is_dir():
@@ -225,6 +227,14 @@ class PairedTrainer(Trainer):
             "opt_d": self.opt_d.state_dict(),
             "sched_d": self.sched_d.state_dict(),
         }
+
+    def _check_state(self, folder: Path, state: dict, saved_cfg: dict) -> None:
+        saved = saved_cfg.get("stochastic")
+        if saved is not None and bool(saved) != self.cfg.stochastic:
+            said = "with" if saved else "without"
+            raise ResumeError(
+                f"{folder}: saved {said} --stochastic, which makes a different model; resume {said} it"
+            )
 
     def _load_extra_state(self, folder: Path, state: dict) -> None:
         if self.disc is not None:

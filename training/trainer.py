@@ -19,10 +19,19 @@ from typing import Any
 import torch
 from diffusers.optimization import get_scheduler
 
-from training.config import CommonConfig
+from training.config import CommonConfig, ConfigError
 from training.runtime import Runtime
 from training.sampler import Position, ResumableBatchSampler, batches
-from training.state import CheckpointWriter, ResumeError, load_state, resolve_checkpoint, set_rng_state
+from training.state import (
+    CHECKPOINTS,
+    STATE_FILE,
+    CheckpointWriter,
+    ResumeError,
+    complete_checkpoints,
+    load_state,
+    resolve_checkpoint,
+    set_rng_state,
+)
 from turbo.base import BaseModelError
 from turbo.checkpoint import TurboCheckpoint, save_checkpoint
 from turbo.download import DownloadError
@@ -51,6 +60,7 @@ def as_fp32(ckpt: TurboCheckpoint) -> TurboCheckpoint:
 class Trainer:
     """One training run's shared machinery; see the module doc for what a subclass supplies."""
 
+    kind: str  # "paired" or "unpaired": saved in the state, checked on resume
     cfg: CommonConfig
     rt: Runtime
     gen: Generator
@@ -63,6 +73,7 @@ class Trainer:
     def __init__(self, cfg: CommonConfig, rt: Runtime | None = None) -> None:
         """Validates cfg; a subclass then builds its model and networks, and ends with `_start()`."""
         cfg.validate()
+        check_output(cfg)
         self.cfg = cfg
         self.rt = rt or Runtime(cfg)
         # Same seed everywhere while building, so every process starts from identical weights.
@@ -87,8 +98,9 @@ class Trainer:
         """The subclass's part of the training state (discriminators and their optimizers)."""
         return {}
 
-    def _check_state(self, folder: Path, state: dict) -> None:
-        """Raise ResumeError before anything loads if `state` is not this kind of run's."""
+    def _check_state(self, folder: Path, state: dict, saved_cfg: dict) -> None:
+        """Raise ResumeError before anything loads if `state` (saved with the options `saved_cfg`)
+        cannot continue as this run."""
 
     def _load_extra_state(self, folder: Path, state: dict) -> None:
         """Load what `_extra_state` saved."""
@@ -152,6 +164,7 @@ class Trainer:
             "opt_g": self.opt_g.state_dict(),
             "sched_g": self.sched_g.state_dict(),
             "config": json.dumps(asdict(self.cfg)),
+            "kind": self.kind,
         }
         state.update(self._extra_state())
         scaler = self.rt.accelerator.scaler
@@ -162,11 +175,45 @@ class Trainer:
     def _resume(self) -> dict | None:
         folder = resolve_checkpoint(self.cfg.resume, self.cfg.output)
         state, rng = load_state(folder, self.rt.rank)
-        self._check_state(folder, state)
+        # Checkpoints saved before "kind" was stored: only unpaired states have disc_a.
+        kind = state.get("kind") or ("unpaired" if "disc_a" in state else "paired")
+        if kind != self.kind:
+            raise ResumeError(
+                f"{folder}: a {kind} training checkpoint, and this is {self.kind} training "
+                f"(resume it with python -m training.{kind})"
+            )
+        try:
+            saved_cfg = json.loads(state.get("config", "{}"))
+        except (TypeError, ValueError):
+            saved_cfg = {}
+        self._check_state(folder, state, saved_cfg if isinstance(saved_cfg, dict) else {})
         named, saved = self._named_trainable(), state["generator"]
-        if set(saved) != set(named):
+        if not isinstance(saved, dict) or set(saved) != set(named):
             hint = self.mismatch_hint
             raise ResumeError(f"{folder}: its generator does not match this run's model ({hint})")
+        try:
+            self._load_state(folder, state, named)
+        except ResumeError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            detail = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            raise ResumeError(f"{folder / STATE_FILE}: does not fit this run ({detail[:300]})") from e
+        if int(state.get("world_size", 1)) != self.rt.world:
+            logger.warning("resuming on %d process(es), saved with %d: data order and RNG streams differ",
+                           self.rt.world, state.get("world_size", 1))  # fmt: skip
+            rng = None
+        root = Path(self.cfg.output) / CHECKPOINTS
+        later = [f.name for s, f in complete_checkpoints(root) if s > self.step]
+        if later:
+            logger.warning(
+                "resuming at step %d while %s holds later checkpoints (%s): this run replaces them as it "
+                "saves those steps again, and `latest` follows this run", self.step, root, ", ".join(later),
+            )  # fmt: skip
+        logger.info("resumed from %s at step %d", folder, self.step)
+        return rng
+
+    def _load_state(self, folder: Path, state: dict, named: dict[str, torch.nn.Parameter]) -> None:
+        saved = state["generator"]
         with torch.no_grad():
             for n, p in named.items():
                 if saved[n].shape != p.shape:
@@ -181,12 +228,6 @@ class Trainer:
             self.rt.accelerator.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.sampler.position = Position(int(state["epoch"]), int(state["batch"]))
-        if int(state.get("world_size", 1)) != self.rt.world:
-            logger.warning("resuming on %d process(es), saved with %d: data order and RNG streams differ",
-                           self.rt.world, state.get("world_size", 1))  # fmt: skip
-            rng = None
-        logger.info("resumed from %s at step %d", folder, self.step)
-        return rng
 
     def save(self, position: Position) -> None:
         """Write a training checkpoint (and, on rank 0, publish the model if cfg.publish_to)."""
@@ -220,11 +261,12 @@ class Trainer:
                     {f"train/{k}": v for k, v in logs.items()} | {"train/lr": self.sched_g.get_last_lr()[0]},
                     self.step,
                 )
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
-                last = self.evaluate() or last
+            # the checkpoint first: a validation that fails must not cost this step's checkpoint
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 self.save(position)
                 saved_at = self.step
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                last = self.evaluate() or last
         bar.close()
         if saved_at != self.step:
             self.save(position)  # the last step is always saved, and published with it
@@ -235,6 +277,19 @@ class Trainer:
             save_checkpoint(ckpt, Path(cfg.output) / "model.safetensors")
         rt.barrier()
         return TrainResult(self.step, ckpt, last, first)
+
+
+def check_output(cfg: CommonConfig) -> None:
+    """Refuse a fresh run (no --resume) in a run folder that already holds checkpoints: its saves would
+    mix with the old run's and a later --resume could pick either."""
+    if cfg.resume:
+        return
+    found = complete_checkpoints(Path(cfg.output) / CHECKPOINTS)
+    if found:
+        raise ConfigError(
+            f"{Path(cfg.output) / CHECKPOINTS} already holds checkpoints of a run (the newest: "
+            f"{found[-1][1].name}); pass --resume latest to continue it, or choose another --output"
+        )
 
 
 def run_training(trainer: Callable[..., Trainer], cfg: CommonConfig, **kwargs) -> TrainResult:
@@ -254,6 +309,7 @@ def cli_main(
 ) -> int:
     """A trainer's `main`: parse, train, print the result as one JSON line; exit status 2 on errors."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = None
     try:
         cfg = parse_config(argv)
         result = train(cfg)
@@ -261,5 +317,19 @@ def cli_main(
     except (ValueError, OSError, BaseModelError, DownloadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        logger.warning("training stopped (interrupted); %s", _last_checkpoint(cfg))
+        return 130
     print(json.dumps({"step": result.step, "output": cfg.output, **result.metrics}))
     return 0
+
+
+def _last_checkpoint(cfg: CommonConfig | None) -> str:
+    """Where an interrupted run can continue from, in words."""
+    if cfg is None:
+        return "nothing was saved"
+    try:
+        folder = resolve_checkpoint("latest", cfg.output)
+    except ResumeError:
+        return f"no checkpoint was saved in {Path(cfg.output) / CHECKPOINTS}"
+    return f"the last checkpoint is {folder}; continue with the same flags and --resume latest"

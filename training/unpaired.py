@@ -43,7 +43,6 @@ from training.discriminator import CLIPDiscriminator
 from training.evaluate import EvalResult, Evaluator, build_metrics, write_report
 from training.frozen import build_discriminator, build_lpips
 from training.runtime import Runtime, save_grid
-from training.state import ResumeError
 from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
 from turbo.base import BaseModel, load_base
 from turbo.checkpoint import TurboCheckpoint
@@ -137,7 +136,7 @@ class UnpairedTrainer(Trainer):
     """One training run; build it on every process, then call `run()` (the loop, checkpoints and
     resuming are `training.trainer.Trainer`'s; the objective and validation are here)."""
 
-    mismatch_hint = "other LoRA ranks?"
+    kind = "unpaired"
 
     def __init__(
         self,
@@ -150,7 +149,9 @@ class UnpairedTrainer(Trainer):
         them from cfg (benchmarks build random full-size networks in memory)."""
         super().__init__(cfg, rt)
         rt, dev = self.rt, self.rt.device
-        self.train_set = UnpairedDataset(cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed)
+        self.train_set = UnpairedDataset(
+            cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed, batch_size=cfg.batch_size
+        )
         self.base = base or load_base(cfg.base, device=dev, dtype=rt.frozen_dtype)
         # The captions are fixed: encode them once and free the text encoder.
         self.captions = {"a": self.train_set.caption_src, "b": self.train_set.caption_tgt}
@@ -216,10 +217,6 @@ class UnpairedTrainer(Trainer):
             "opt_d": self.opt_d.state_dict(),
             "sched_d": self.sched_d.state_dict(),
         }
-
-    def _check_state(self, folder: Path, state: dict) -> None:
-        if "disc_a" not in state:
-            raise ResumeError(f"{folder}: not an unpaired training checkpoint")
 
     def _load_extra_state(self, folder: Path, state: dict) -> None:
         for d in DOMAINS:
