@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks and figures of docs/performance.md and docs/training.md in one run (about 7 minutes on
-# an H100): the fast-path tests on CUDA, fp16/bf16 inference (plain, fast, each optimisation,
+# an H100): the fast-path tests on CUDA, GroupNorm alone (PyTorch's and ours), fp16/bf16 inference (plain, fast, each optimisation,
 # cudnn.benchmark, switches, profiles of a switch and of one image), the unpaired training step at
 # 512x512 under a 22 GiB allocator cap (a 24 GB card), the fp32 baseline with fp16 beside it, and the
 # compiled path.
@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 "$py" -c "import torch, diffusers, peft, transformers as t; print('torch', torch.__version__, \
 'diffusers', diffusers.__version__, 'peft', peft.__version__, 'transformers', t.__version__)" | tee -a "$out/gpu.txt"
 
-parts=${PARTS:-tests bench_fp16 train_memory bench_fp32 bench_compile}
+parts=${PARTS:-tests group_norm bench_fp16 train_memory bench_fp32 bench_compile}
 
 part() {  # NAME SECONDS ARGS...: run one part, print its tables
     local name=$1 limit=$2
@@ -35,7 +35,8 @@ part() {  # NAME SECONDS ARGS...: run one part, print its tables
 }
 
 part tests 150 -m pytest -q --tb=short -p no:cacheprovider tests/test_fast.py tests/test_exact_fold.py \
-    tests/test_cuda_graph.py
+    tests/test_cuda_graph.py tests/test_group_norm.py
+part group_norm 60 benchmarks/group_norm.py --dtype fp16
 part bench_fp16 180 -m turbo.bench --device cuda --dtype fp16 --dtypes bf16 --sizes 512 256 --repeats 20 \
     --warmup 3 --switch-repeats 5 --cudnn-benchmark --json "$out/bench_fp16.json" \
     --profile-switch "$out/switch_profile.txt" --profile-forward "$out/forward_profile.txt"

@@ -8,9 +8,10 @@ conv, unpaired with two directions), and prints markdown tables:
   the largest pixel difference to the plain path's image, for
   plain       what the original code does: peft LoRA unfolded, prompt encoded every call, no_grad
   fast        our default (turbo.fast.FastPath with the prompt embedding cached)
-  +fold, +fold +subpixel, (+fold +CUDA graph), +prompt cache, +channels_last, +inference_mode
-              each optimisation alone on top of plain (subpixel upsampling and CUDA graphs need
-              the fold; graphs are CUDA only); on CUDA also the default without channels_last
+  +fold, +fold +subpixel, (+fold +CUDA graph, +fold +split GroupNorm), +prompt cache, +channels_last,
+              +inference_mode: each optimisation alone on top of plain (subpixel upsampling, CUDA
+              graphs and the split GroupNorm need the fold; the last two are CUDA only); on CUDA
+              also the default without channels_last, with PyTorch's GroupNorm, and without both
   compiled / other dtypes (plain and fast in each) / cuDNN's autotuner, when asked (--compile,
               --dtypes, --cudnn-benchmark); on CUDA, fp32 runs without TF32 unless --tf32
 - the direction-switch time of the fast path (refold with exact restore of the base), and the
@@ -178,12 +179,14 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
         return FastOptions(restore=args.restore, **on)
 
     off = dict(fold=False, channels_last=False, inference_mode=False, subpixel=False, cuda_graph=False)
+    off["split_group_norm"] = False
     folds = [
         ("+ fold LoRA only", {"fold": True}),
         ("+ fold + subpixel upsampling", {"fold": True, "subpixel": True}),
-        # graphs replay folded networks, on CUDA only
-        *([("+ fold + CUDA graph", {"fold": True, "cuda_graph": True})] if device.type == "cuda" else []),
     ]
+    if device.type == "cuda":  # graphs and the split GroupNorm run folded networks, on CUDA only
+        folds.append(("+ fold + CUDA graph", {"fold": True, "cuda_graph": True}))
+        folds.append(("+ fold + split GroupNorm", {"fold": True, "split_group_norm": True}))
     others = [
         ("+ channels_last only", {"channels_last": True}),
         ("+ inference_mode only", {"inference_mode": True}),
@@ -203,6 +206,9 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
         # CUDA's GroupNorm has no channels_last kernel (it returns contiguous outputs), so on a GPU
         # channels_last may cost two layout copies per norm + conv pair: measure the default without it.
         out.append(Variant("fast without channels_last", opts(channels_last=False), True))
+        out.append(Variant("fast with PyTorch's GroupNorm", opts(split_group_norm=False), True))
+        no_split = opts(channels_last=False, split_group_norm=False)
+        out.append(Variant("fast with PyTorch's GroupNorm, without channels_last", no_split, True))
     for name in args.dtypes:  # the plain path in that dtype too: its difference is the dtype's own
         out.append(Variant(f"plain, {name}", None, False, DTYPES[name]))
         out.append(Variant(f"fast, {name}", opts(compile=args.compile), True, DTYPES[name]))

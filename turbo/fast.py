@@ -12,8 +12,8 @@
 - the VAE decoder's upsamplers (nearest 2x, then a 3x3 conv) run as four 2x2 convs at the lower
   resolution (`turbo.subpixel`): the same result with 16/36 of the multiply-adds;
 - the timestep tensor is made once; channels_last and inference mode are on; on CUDA each input
-  shape's forward is captured once as a CUDA graph and replayed (`turbo.cuda_graph`);
-  torch.compile is optional.
+  shape's forward is captured once as a CUDA graph and replayed (`turbo.cuda_graph`), and GroupNorm
+  runs as reductions that fill the GPU (`turbo.group_norm`); torch.compile is optional.
 
 Exactness of a switch. Many models share the base weights, so a switch must give the base back
 bit for bit: `turbo.exact_fold` adds each delta in place and keeps a small record (about 0.2
@@ -41,6 +41,7 @@ from torch import nn
 from turbo import exact_fold, lora
 from turbo.cuda_graph import GraphCache
 from turbo.generator import Generator
+from turbo.group_norm import restore_group_norms, swap_group_norms
 from turbo.skip_vae import SkipConvs
 from turbo.subpixel import SubpixelUpsample
 
@@ -64,6 +65,9 @@ class FastOptions:
     # On CUDA, with the fold and without compile: replay one captured CUDA graph per input shape
     # (`turbo.cuda_graph`), which takes the cpu's kernel-launch time out of each image.
     cuda_graph: bool = True
+    # GroupNorm as `turbo.group_norm.SplitGroupNorm` while folded; None: on CUDA without compile (there
+    # PyTorch's kernel fills a fraction of the GPU at batch 1; on the cpu and under inductor it need not)
+    split_group_norm: bool | None = None
     # How a switch gives the base its exact weights back (`turbo.exact_fold`): "record" keeps ~0.2
     # bytes per folded element; "copy" keeps a copy of every folded base weight in host memory (pinned)
     # and restores by copying: switches 4x faster on an H200 (where the record's many small kernels and
@@ -77,6 +81,11 @@ class FastOptions:
         if self.restore == "auto":
             return "copy" if device.type == "cuda" else "record"
         return self.restore
+
+    def splits_group_norm(self, device: torch.device) -> bool:
+        if self.split_group_norm is None:
+            return device.type == "cuda" and not self.compile
+        return self.split_group_norm
 
 
 def bf16_is_native(device: torch.device) -> bool:
@@ -221,6 +230,8 @@ class FastPath:
         self._vae_folds: list[_FoldedLayer] = []
         self._stripped: dict[str, list[tuple[nn.Module, str, LoraLayer]]] = {"unet": [], "vae": []}
         self._switchable_conv_in: nn.Module | None = None
+        self._split_norms = self.options.splits_group_norm(self.device)
+        self._swapped_norms: list = []
         self._unet, self._encode, self._decode = unet, vae.encode, vae.decode
         use_graphs = self.options.cuda_graph and self.options.fold and not self.options.compile
         self._graphs = GraphCache(self._forward) if use_graphs and self.device.type == "cuda" else None
@@ -260,6 +271,8 @@ class FastPath:
         self._switchable_conv_in, g.unet.conv_in = g.unet.conv_in, self.conv_in
         for block, _, sub in self.upsamplers:
             block.upsamplers[0] = sub
+        if self._split_norms:
+            self._swapped_norms = swap_group_norms(g.unet) + swap_group_norms(g.vae)
         if self._graphs is not None:
             # Whatever unfolded the networks (a new dtype or device, training) may have moved weights.
             self._graphs.clear()
@@ -279,6 +292,8 @@ class FastPath:
             self.generator.unet.conv_in, self._switchable_conv_in = self._switchable_conv_in, None
         for block, up, _ in self.upsamplers:
             block.upsamplers[0] = up
+        restore_group_norms(self._swapped_norms)
+        self._swapped_norms = []
         self._unet_key = self._vae_key = self.active = None
         if self.generator.folded is self:
             self.generator.folded = None
