@@ -165,6 +165,48 @@ def test_a_bad_base_says_what_is_wrong_with_it(tmp_path):
             Pipeline(base, device="cpu")
 
 
+def test_an_uncached_base_fails_at_once_when_the_hub_is_unreachable(monkeypatch):
+    """No waiting through the hub client's retries: one quick request decides."""
+    import turbo.base as base_module
+
+    monkeypatch.setattr(base_module, "_hub_unreachable", lambda: "[Errno -2] Name or service not known")
+    loads = []
+    monkeypatch.setattr(base_module.AutoTokenizer, "from_pretrained", lambda *a, **k: loads.append(a))
+    with pytest.raises(BaseModelError, match="not in the local Hugging Face cache.*hub cannot be reached: "):
+        base_module.load_base("turbo-tests/never-cached", device="cpu")
+    assert not loads
+
+
+def test_hub_reachability_is_one_request(monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    import turbo.base as base_module
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    requests = []
+
+    def unreachable(request, timeout):
+        requests.append((request.get_method(), request.full_url, timeout))
+        raise urllib.error.URLError(OSError(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    assert "Name or service not known" in base_module._hub_unreachable()
+    assert requests == [("HEAD", constants.ENDPOINT, 5.0)]
+
+    def answers(request, timeout):  # an error status is still an answer: the hub is there
+        raise urllib.error.HTTPError(request.full_url, 403, "Forbidden", {}, None)
+
+    monkeypatch.setattr(urllib.request, "urlopen", answers)
+    assert base_module._hub_unreachable() is None
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline: the hub client fails fast itself
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)
+    assert base_module._hub_unreachable() is None
+    assert len(requests) == 1
+
+
 def test_prompt_embeddings_are_cached(pipe):
     a = pipe.prompt_embedding("a red house")
     assert pipe.prompt_embedding("a red house") is a

@@ -6,6 +6,8 @@ Adapters (LoRA, skip convs, trained first conv) are added on top of it by `turbo
 from __future__ import annotations
 
 import logging
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +142,36 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return DTYPES[dtype]
 
 
+def _hub_unreachable(timeout: float = 5.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached now, or None: one request, no retries.
+
+    A base that is not cached would otherwise wait through the hub client's retries (about a minute
+    with no network) before failing."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None  # the hub client fails at once by itself
+    request = urllib.request.Request(constants.ENDPOINT, method="HEAD")
+    try:
+        urllib.request.urlopen(request, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None  # an answer, even an error status, means the hub is there
+    except (OSError, ValueError) as e:  # URLError, timeouts, refused connections
+        return str(getattr(e, "reason", e)) or type(e).__name__
+    return None
+
+
+def _cached(hub_id: str) -> bool:
+    """Whether the hub cache holds a snapshot of `hub_id` (complete or not)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot_download(hub_id, local_files_only=True)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def _load_parts(source: str, dtype: torch.dtype):
     is_dir = Path(source).is_dir()
     if not is_dir and Path(source).exists():
@@ -158,6 +190,8 @@ def _load_parts(source: str, dtype: torch.dtype):
                 f"base folder {source} lacks {', '.join(missing)}/ "
                 "(expected the diffusers layout of SD-Turbo)"
             )
+    elif not _cached(source) and (reason := _hub_unreachable()):
+        raise BaseModelError(_not_loaded(source, f"the hub cannot be reached: {reason}"))
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype)
@@ -168,12 +202,17 @@ def _load_parts(source: str, dtype: torch.dtype):
         if is_dir:
             raise BaseModelError(f"could not load the base model from {source}: {e}") from e
         raise BaseModelError(
-            f"could not load the base model {source!r} (not in the local Hugging Face cache and the hub is "
-            f"unreachable or offline). Run once with network access to download it, or pass --base with a "
-            f"local diffusers folder (tokenizer/, text_encoder/, unet/, vae/, scheduler/). Cause: "
-            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            _not_loaded(source, str(e).splitlines()[0] if str(e) else type(e).__name__)
         ) from e
     return tokenizer, text_encoder, unet, vae, scheduler
+
+
+def _not_loaded(hub_id: str, cause: str) -> str:
+    return (
+        f"could not load the base model {hub_id!r} (not in the local Hugging Face cache and the hub is "
+        f"unreachable or offline). Run once with network access to download it, or pass --base with a "
+        f"local diffusers folder (tokenizer/, text_encoder/, unet/, vae/, scheduler/). Cause: {cause}"
+    )
 
 
 def load_base(
