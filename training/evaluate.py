@@ -37,6 +37,7 @@ from training.dino_structure import DINO_HUB_ID, DinoStructureDistance
 from training.fid import FIDExtractor, fid_inception_v3, frechet_distance, stats_from_features
 from turbo.base import BaseModelError
 from turbo.download import DownloadError
+from turbo.errors import first_line
 from turbo.preprocess import EVAL_IMAGE_PREPS, build_transform, load_image, to_model_input, to_pil
 
 logger = logging.getLogger(__name__)
@@ -212,15 +213,10 @@ def load_fid_weights(path: str) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # torch and safetensors raise many kinds for a file that is not theirs
-        raise EvaluationError(f"--fid-weights {path}: cannot read it ({_first_line(e)})") from e
+        raise EvaluationError(f"--fid-weights {path}: cannot read it ({first_line(e)})") from e
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise EvaluationError(f"--fid-weights {path}: not a state dict (a mapping of names to tensors)")
     return state
-
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
 
 
 def fid_extractor(fid_weights: str | None, device: torch.device) -> FIDExtractor:

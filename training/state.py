@@ -32,6 +32,7 @@ import torch
 
 from turbo.checkpoint import TurboCheckpoint, save_checkpoint
 from turbo.download import fsync_directory
+from turbo.errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -273,17 +274,11 @@ def resolve_checkpoint(resume: str, output: str | Path) -> Path:
     return found[-1][1]
 
 
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
 def _load_file(path: Path, what: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, OSError, ...
-        raise ResumeError(f"{path}: cannot read the {what} ({_first_line(e)})") from e
+        raise ResumeError(f"{path}: cannot read the {what} ({first_line(e)})") from e
 
 
 def load_state(folder: Path, rank: int = 0) -> tuple[dict, dict | None]:
@@ -305,7 +300,7 @@ def load_state(folder: Path, rank: int = 0) -> tuple[dict, dict | None]:
     try:  # try it here, so that a bad file is named now rather than failing later
         set_rng_state(rng)
     except Exception as e:  # KeyError, TypeError, ValueError, RuntimeError, ...
-        raise ResumeError(f"{rng_path}: not a random number generator state ({_first_line(e)})") from e
+        raise ResumeError(f"{rng_path}: not a random number generator state ({first_line(e)})") from e
     finally:
         set_rng_state(saved)
     return state, rng
