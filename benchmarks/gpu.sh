@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU checks and figures of docs/performance.md and docs/training.md in one run (about 7 minutes on
-# an H100): the fast-path tests on CUDA, GroupNorm alone (PyTorch's and ours), fp16/bf16 inference (plain, fast, each optimisation,
-# cudnn.benchmark, switches, profiles of a switch and of one image), the unpaired training step at
-# 512x512 under a 22 GiB allocator cap (a 24 GB card), the fp32 baseline with fp16 beside it, and the
-# compiled path.
+# an H100): the fast-path tests on CUDA, GroupNorm alone (PyTorch's and ours), fp16/bf16 inference
+# (plain, fast, each optimisation, cudnn.benchmark, switches, profiles of a switch and of one image),
+# the unpaired training step at 512x512 under a 22 GiB allocator cap (a 24 GB card), the fp32 baseline
+# with fp16 beside it, and the compiled path. Needs diffusers, peft and transformers where it runs (on
+# a machine without diffusers, install its wheel first, e.g. pip install --target and PYTHONPATH).
 #
 #     bash benchmarks/gpu.sh [OUTPUT_DIR]      (default: gpu-results; PYTHON=... picks the interpreter,
 #                                               PARTS="tests bench_fp16" runs only those parts)
