@@ -158,3 +158,23 @@ def test_released_files_get_what_the_original_hard_codes_for_them(originals, tmp
         assert plain.input == "none" and ckpt.prompts == {}
     else:
         assert ckpt.prompts == {released.direction: released.caption} and plain.prompts == {}
+
+
+def test_saved_files_get_the_permissions_of_a_plain_write(originals, tmp_path):
+    """Not mkstemp's private 0o600: a training checkpoint or a model published to an app's folder
+    must be readable as any file the user writes (0o666 less the umask; a replaced file keeps its own)."""
+    import os
+    import stat
+
+    ckpt = load_checkpoint(originals / "paired.safetensors")
+    old_umask = os.umask(0o022)
+    try:
+        fresh = save_checkpoint(ckpt, tmp_path / "fresh.safetensors")
+        kept = save_checkpoint(ckpt, tmp_path / "kept.safetensors")
+        kept.chmod(0o640)
+        save_checkpoint(ckpt, kept)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o640
+    assert load_checkpoint(kept).kind == "paired"

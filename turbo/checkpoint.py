@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from numbers import Real
@@ -140,8 +141,19 @@ def _check_ranks(sd: dict[str, torch.Tensor], rank: int, name: str, what: str, w
                 )
 
 
+def _file_mode(path: Path) -> int:
+    """The permissions open() would leave path with: an existing file's own, else 0o666 less the
+    umask (the temp file from mkstemp is 0o600, private to the owner, which a model file should not be)."""
+    if path.is_file() and not path.is_symlink():
+        return stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0)  # the only way to read it; set straight back
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_checkpoint(ckpt: TurboCheckpoint, path: str | Path) -> Path:
-    """Write `ckpt` as one safetensors file, atomically (temp file in the same folder, then rename)."""
+    """Write `ckpt` as one safetensors file, atomically (temp file in the same folder, then rename),
+    with the permissions a plain write would give it."""
     ckpt.validate()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,10 +175,12 @@ def save_checkpoint(ckpt: TurboCheckpoint, path: str | Path) -> Path:
         "image_prep": ckpt.image_prep or "",
         "base_model": ckpt.base_model,
     }
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

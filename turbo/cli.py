@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import stat
 import sys
 from collections import Counter
 from pathlib import Path
@@ -386,16 +385,6 @@ def check_convert_output(source: Path, output: Path, overwrite: bool = False) ->
         raise OutputError(f"{output} already exists; pass --overwrite to replace it")
 
 
-def _new_file_mode(path: Path) -> int:
-    """The permissions open() would leave path with: an existing file's own, else 0o666 less the
-    umask (save_checkpoint writes through mkstemp, whose files are 0o600, private to the owner)."""
-    if path.is_file() and not path.is_symlink():
-        return stat.S_IMODE(path.stat().st_mode)
-    umask = os.umask(0)  # the only way to read it; set straight back
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def convert(args: argparse.Namespace) -> int:
     if not args.input.exists():
         raise FileNotFoundError(f"no such input: {args.input}")
@@ -416,10 +405,8 @@ def convert(args: argparse.Namespace) -> int:
         if args.image_prep:
             ckpt.image_prep = args.image_prep
     ckpt.base_model = args.base_model
-    mode = _new_file_mode(args.output)
     try:
         save_checkpoint(ckpt, args.output)
-        os.chmod(args.output, mode)
     except OSError as e:  # permission denied, disk full
         raise OutputError(f"cannot write {args.output}: {e.strerror or e}") from e
     print(f"wrote {args.output} ({ckpt.kind}, directions {', '.join(ckpt.directions)})")
