@@ -325,6 +325,13 @@ def test_a_failing_validation_keeps_its_steps_checkpoint_and_resume_guards(asset
     # resuming with another model type or the other trainer is refused with the reason
     with pytest.raises(ResumeError, match="saved without --stochastic, which makes a different model"):
         train(config(assets, run, stochastic=True, resume="latest", **(light | {"max_steps": 2})))
+    # a state whose parts do not load into this run's optimizer: named, with the library's reason
+    state_file = resolve_checkpoint("latest", run) / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    torch.save(state | {"opt_g": {"state": {}, "param_groups": []}}, state_file)
+    with pytest.raises(ResumeError, match=r"state\.pt: does not fit this run \(ValueError: .+\)"):
+        train(config(assets, run, resume="latest", **(light | {"max_steps": 2})))
+    torch.save(state, state_file)
     from training.unpaired import UnpairedConfig
     from training.unpaired import train as train_unpaired
 

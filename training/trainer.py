@@ -35,6 +35,7 @@ from training.state import (
 from turbo.base import BaseModelError
 from turbo.checkpoint import TurboCheckpoint, save_checkpoint
 from turbo.download import DownloadError
+from turbo.errors import first_line
 from turbo.generator import Generator
 
 logger = logging.getLogger(__name__)
@@ -196,8 +197,7 @@ class Trainer:
         except ResumeError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-            detail = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            raise ResumeError(f"{folder / STATE_FILE}: does not fit this run ({detail[:300]})") from e
+            raise ResumeError(f"{folder / STATE_FILE}: does not fit this run ({first_line(e, 300)})") from e
         if int(state.get("world_size", 1)) != self.rt.world:
             logger.warning("resuming on %d process(es), saved with %d: data order and RNG streams differ",
                            self.rt.world, state.get("world_size", 1))  # fmt: skip
