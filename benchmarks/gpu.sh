@@ -38,12 +38,12 @@ part() {  # NAME SECONDS ARGS...: run one part, print its tables
 part tests 150 -m pytest -q --tb=short -p no:cacheprovider tests/test_fast.py tests/test_exact_fold.py \
     tests/test_cuda_graph.py tests/test_group_norm.py
 part group_norm 60 benchmarks/group_norm.py --dtype fp16
-part bench_fp16 180 -m turbo.bench --device cuda --dtype fp16 --dtypes bf16 --sizes 512 256 --repeats 20 \
+part bench_fp16 180 -m turbo.fast.bench --device cuda --dtype fp16 --dtypes bf16 --sizes 512 256 --repeats 20 \
     --warmup 3 --switch-repeats 5 --cudnn-benchmark --json "$out/bench_fp16.json" \
     --profile-switch "$out/switch_profile.txt" --profile-forward "$out/forward_profile.txt"
 part train_memory 120 benchmarks/train_step.py --unpaired-memory --real --real-only --sizes full \
     --resolution 512 --cap-gib 22
-part bench_fp32 90 -m turbo.bench --device cuda --sizes 512 --repeats 10 --warmup 2 --only fast plain \
+part bench_fp32 90 -m turbo.fast.bench --device cuda --sizes 512 --repeats 10 --warmup 2 --only fast plain \
     --dtypes fp16 --json "$out/bench_fp32.json"
-part bench_compile 180 -m turbo.bench --device cuda --dtype fp16 --sizes 512 --repeats 20 --warmup 2 \
+part bench_compile 180 -m turbo.fast.bench --device cuda --dtype fp16 --sizes 512 --repeats 20 --warmup 2 \
     --compile --only fast --switch-repeats 1 --json "$out/bench_compile.json"

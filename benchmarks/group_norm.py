@@ -1,4 +1,4 @@
-"""PyTorch's GroupNorm against `turbo.group_norm.SplitGroupNorm` on the shapes of an SD-Turbo forward.
+"""PyTorch's GroupNorm against `turbo.fast.group_norm.SplitGroupNorm` on the shapes of an SD-Turbo forward.
 
     python benchmarks/group_norm.py [--dtype fp16] [--repeats 50]
 
@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from turbo.group_norm import SplitGroupNorm  # noqa: E402
+from turbo.fast.group_norm import SplitGroupNorm  # noqa: E402
 
 # (channels, height, width): the VAE at 512, 256, 128 and 64 px, then the UNet's 64x64 latent levels
 SHAPES = [(128, 512, 512), (256, 512, 512), (256, 256, 256), (512, 256, 256), (512, 128, 128),

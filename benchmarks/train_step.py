@@ -51,7 +51,7 @@ GIB = 2**30
 def _full_base(device, dtype):
     import torch
 
-    from turbo.bench import random_base  # SD-Turbo's full-size architecture, random weights
+    from turbo.fast.bench import random_base  # SD-Turbo's full-size architecture, random weights
 
     return random_base(torch.device(device), dtype)
 
@@ -277,7 +277,7 @@ def _networks(size: str, device, dtype):
     from training.discriminator import CLIPDiscriminator
     from training.losses import LPIPSLoss
     from turbo.base import BaseModel, OneStepSchedule
-    from turbo.bench import SCHEDULER, _char_tokenizer, random_base
+    from turbo.fast.bench import SCHEDULER, _char_tokenizer, random_base
 
     if size == "full":
         base = random_base(device, dtype)

@@ -16,7 +16,7 @@ import pytest
 from test_app_handlers import checkpoint_files
 from test_app_server import free_port
 
-import app as app_module
+from turbo.app import page as app_module
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from turbo.app_handlers import GPU, MAX_SEED, NO_STYLE, MissingInputError, TurboApp, parse_seed
-from turbo.models_folder import ModelsFolder, UploadError, is_candidate
+from turbo.app.handlers import GPU, MAX_SEED, NO_STYLE, MissingInputError, TurboApp, parse_seed
+from turbo.app.models_folder import ModelsFolder, UploadError, is_candidate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ def checkpoint_files(base_dir: str) -> dict[str, Path]:
     "sketch" (paired, stochastic, sketch input, default prompt), "edges" (paired, canny, no prompt),
     "unpaired" (both directions, captions)."""
     from turbo.base import load_base
-    from turbo.checkpoint import save_checkpoint
+    from turbo.formats import save_checkpoint
     from turbo.generator import Generator
 
     out = Path(tempfile.mkdtemp(prefix="turbo-app-ckpts-"))
@@ -283,7 +283,7 @@ def test_refresh_and_upload_handlers(app, models_dir, tmp_path):
     from tiny import make_tiny_base
 
     from turbo.base import load_base
-    from turbo.checkpoint import save_checkpoint
+    from turbo.formats import save_checkpoint
     from turbo.generator import Generator
 
     g = Generator(load_base(make_tiny_base(tmp_path / "wide", seed=1, unet_channels=(24, 32)), device="cpu"))
@@ -323,7 +323,7 @@ def test_seed_range_is_checked_with_a_clear_message(app):
     status = app.run("sketch", "sketch.safetensors", sketch, None, "a dog", NO_STYLE, 0.4, MAX_SEED)[3]
     assert "Done in" in status and "seed 4294967295." in status
     assert parse_seed(None) == 0 and parse_seed(7.0) == 7 and MAX_SEED == 2**32 - 1
-    import app as app_module
+    from turbo.app import page as app_module
 
     demo = app_module.build_demo(app_module.build_parser().parse_args([]), app)
     seed_box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "seed")
@@ -343,7 +343,7 @@ def test_downscale_note_gives_the_size_as_seen_and_a_too_narrow_image_says_why(a
 
 
 def test_app_arguments_are_checked(tiny_base_dir, capsys):
-    import app as app_module
+    from turbo.app import page as app_module
 
     parser = app_module.build_parser()
     for argv, message in (
@@ -380,7 +380,7 @@ def test_missing_input_error_is_an_image_error():
 def test_app_exits_with_a_clear_message_when_the_base_is_missing_and_uses_spaces_gpu(tmp_path):
     """One subprocess checks both: `python app.py` without the base weights offline exits at once
     with a clear message (no traceback), and a present `spaces` package wraps the GPU function."""
-    import app as app_module
+    from turbo.app import page as app_module
 
     fake = tmp_path / "fake" / "spaces.py"
     fake.parent.mkdir()
@@ -403,7 +403,7 @@ def test_app_exits_with_a_clear_message_when_the_base_is_missing_and_uses_spaces
 
 
 def test_restore_flag_reaches_the_pipeline(monkeypatch, tmp_path):
-    import app as app_module
+    from turbo.app import page as app_module
 
     assert app_module.build_parser().parse_args([]).restore == "auto"
     seen = {}
@@ -420,7 +420,7 @@ def test_restore_flag_reaches_the_pipeline(monkeypatch, tmp_path):
 
 
 def test_host_is_loopback_except_on_spaces(monkeypatch):
-    import app as app_module
+    from turbo.app import page as app_module
 
     monkeypatch.delenv("SPACE_ID", raising=False)
     assert app_module.default_host() == "127.0.0.1"
@@ -481,7 +481,7 @@ def test_gamma_and_canny_values_of_any_kind_are_used_or_refused_clearly(app):
 
 
 def test_a_device_that_cannot_run_the_models_is_refused_before_loading(tmp_path, capsys):
-    import app as app_module
+    from turbo.app import page as app_module
     from turbo.base import BaseModelError
 
     args = app_module.build_parser().parse_args(["--base", str(tmp_path / "no_base"), "--device", "meta"])

@@ -14,7 +14,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 from test_app_handlers import checkpoint_files, photo, sketch_image
 
-import app as app_module
+from turbo.app import page as app_module
 
 
 def free_port() -> int:

@@ -6,8 +6,8 @@ from reference import RefPaired, RefUnpaired
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from turbo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from turbo.models_folder import read_entry
+from turbo.app.models_folder import read_entry
+from turbo.formats import CheckpointError, load_checkpoint, save_checkpoint
 from turbo.registry import RELEASED
 
 

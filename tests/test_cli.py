@@ -14,8 +14,8 @@ from PIL import Image
 from reference import RefPaired, RefUnpaired
 from tiny import make_tiny_base
 
-from turbo.checkpoint import load_checkpoint
 from turbo.cli import main, output_names
+from turbo.formats import load_checkpoint
 from turbo.pipeline import Pipeline
 from turbo.preprocess import load_image
 

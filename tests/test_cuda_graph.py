@@ -1,9 +1,9 @@
-"""turbo.cuda_graph on small functions (needs a CUDA GPU; skipped elsewhere)."""
+"""turbo.fast.cuda_graph on small functions (needs a CUDA GPU; skipped elsewhere)."""
 
 import pytest
 import torch
 
-from turbo.cuda_graph import GraphCache
+from turbo.fast.cuda_graph import GraphCache
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

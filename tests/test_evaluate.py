@@ -16,7 +16,7 @@ from training.dino_structure import DinoStructureDistance
 from training.evaluate import EvaluationError, Evaluator, load_fid_weights, main
 from training.fid import FIDExtractor, frechet_distance, trace_sqrt_product
 from turbo.base import load_base
-from turbo.checkpoint import save_checkpoint
+from turbo.formats import save_checkpoint
 from turbo.generator import Generator
 
 

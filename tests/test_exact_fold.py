@@ -4,8 +4,8 @@ import pytest
 import torch
 from diffusers.models.upsampling import Upsample2D
 
-from turbo import exact_fold
-from turbo.subpixel import SubpixelUpsample
+from turbo.fast import exact_fold
+from turbo.fast.subpixel import SubpixelUpsample
 
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 

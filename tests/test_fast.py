@@ -5,10 +5,10 @@ import torch
 from PIL import Image
 from reference import RefPaired, RefUnpaired
 
-from turbo import exact_fold
 from turbo.base import load_base
-from turbo.checkpoint import load_checkpoint
-from turbo.fast import FastOptions, FastPath, FastPathError
+from turbo.fast import exact_fold
+from turbo.fast.path import FastOptions, FastPath, FastPathError
+from turbo.formats import load_checkpoint
 from turbo.generator import Generator
 from turbo.pipeline import Pipeline
 
@@ -51,7 +51,7 @@ def setup(request, tiny_base_dir, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def split_every_group_norm(monkeypatch):
     """The tiny models' activations are below the size from which the split GroupNorm takes over."""
-    monkeypatch.setattr("turbo.group_norm.SPLIT_FROM", 0)
+    monkeypatch.setattr("turbo.fast.group_norm.SPLIT_FROM", 0)
 
 
 def _set_tf32(cudnn: bool, matmul: bool) -> None:
@@ -359,7 +359,7 @@ def test_pipeline_batch_size_must_be_positive(pipes):
 
 def test_benchmark_variants_start_from_contiguous_weights(setup):
     """A variant without channels_last must not inherit the layout a previous variant left."""
-    from turbo.bench import Variant, _runner
+    from turbo.fast.bench import Variant, _runner
 
     gen, x, noise, emb = setup
     convs = [p for p in gen.unet.parameters() if p.dim() == 4]
@@ -375,7 +375,7 @@ def test_benchmark_variants_start_from_contiguous_weights(setup):
 
 
 def test_benchmark_runs_and_reports_the_ratio(tiny_base_dir, capsys, tmp_path):
-    from turbo.bench import main
+    from turbo.fast.bench import main
 
     argv = ["--base", str(tiny_base_dir), "--sizes", "32", "--repeats", "1", "--warmup", "0",
             "--only", "fast", "--switch-repeats", "1", "--unpaired-rank", "4"]  # fmt: skip

@@ -6,7 +6,7 @@ from reference import RefPaired, RefUnpaired
 
 from turbo import lora
 from turbo.base import load_base
-from turbo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from turbo.formats import CheckpointError, load_checkpoint, save_checkpoint
 from turbo.generator import Generator
 from turbo.pipeline import noise_map
 

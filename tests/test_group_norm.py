@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from turbo.group_norm import SplitGroupNorm, restore_group_norms, swap_group_norms
+from turbo.fast.group_norm import SplitGroupNorm, restore_group_norms, swap_group_norms
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU"))]
 

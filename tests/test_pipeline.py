@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from turbo import pipeline as pipeline_module
 from turbo import preprocess as pp
 from turbo.base import BaseModelError
-from turbo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from turbo.formats import CheckpointError, load_checkpoint, save_checkpoint
 from turbo.pipeline import MAX_SEED, GammaError, Pipeline, PromptError
 from turbo.registry import RELEASED
 

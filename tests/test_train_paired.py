@@ -27,7 +27,7 @@ from training.data import DatasetError
 from training.paired import PairedConfig, PairedTrainer, fid_resize, main, train
 from training.state import CheckpointWriter, ResumeError, load_state, resolve_checkpoint
 from turbo.base import load_base
-from turbo.checkpoint import load_checkpoint
+from turbo.formats import load_checkpoint
 from turbo.generator import Generator
 
 

@@ -29,7 +29,7 @@ from training.config import ConfigError
 from training.evaluate import Evaluator
 from training.state import load_state, resolve_checkpoint
 from training.unpaired import UnpairedConfig, UnpairedTrainer, main, train
-from turbo.checkpoint import load_checkpoint
+from turbo.formats import load_checkpoint
 from turbo.pipeline import Pipeline
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from turbo.base import DEFAULT_BASE
+from turbo.errors import TurboError
 from turbo.preprocess import EVAL_IMAGE_PREPS, IMAGE_PREPS
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
@@ -21,7 +22,7 @@ REPORT_TO = ("tensorboard", "wandb", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
-class ConfigError(ValueError):
+class ConfigError(TurboError):
     """An option value, or a combination of them, that cannot be trained with."""
 
 

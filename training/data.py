@@ -44,6 +44,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import ExifTags, Image
 
+from turbo.errors import TurboError
 from turbo.preprocess import MAX_PIXELS, ImageError, build_transform, load_image
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ PROMPT_KEYS = ("prompt", "text", "caption")
 MAX_LISTED = 20  # per kind of problem in an error message; DatasetError.problems has them all
 
 
-class DatasetError(ValueError):
+class DatasetError(TurboError):
     """A dataset folder that cannot be trained on; `problems` lists every problem found."""
 
     def __init__(self, message: str, problems: list[str] | None = None) -> None:

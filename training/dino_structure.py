@@ -31,6 +31,8 @@ from tqdm.auto import tqdm
 from transformers import ViTModel
 from transformers.models.vit.modeling_vit import ViTEmbeddings
 
+from turbo.errors import TurboError
+
 DINO_HUB_ID = "facebook/dino-vitb8"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,7 +41,7 @@ DINO_SHORT_SIDE = 224
 DINO_LAYER_NORM_EPS = 1e-6
 
 
-class DinoStructureInputError(ValueError):
+class DinoStructureInputError(TurboError):
     """Images whose self-similarity matrices cannot be compared, or a DINO model folder that is not there."""
 
 

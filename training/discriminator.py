@@ -37,6 +37,8 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
+from turbo.errors import TurboError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP_ID = "openai/clip-vit-base-patch32"
@@ -48,7 +50,7 @@ LOSS_TARGETS = {"multilevel_sigmoid": 1.0, "multilevel_sigmoid_s": 0.8}
 HEAD_CHANNELS = 256
 
 
-class DiscriminatorError(ValueError):
+class DiscriminatorError(TurboError):
     """Bad discriminator configuration or call."""
 
 

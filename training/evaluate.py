@@ -35,9 +35,7 @@ from tqdm.auto import tqdm
 from training.data import DatasetError, crop_to_multiple_of_8, list_images
 from training.dino_structure import DINO_HUB_ID, DinoStructureDistance
 from training.fid import FIDExtractor, fid_inception_v3, frechet_distance, stats_from_features
-from turbo.base import BaseModelError
-from turbo.download import DownloadError
-from turbo.errors import first_line
+from turbo.errors import TurboError, first_line
 from turbo.preprocess import EVAL_IMAGE_PREPS, build_transform, load_image, to_model_input, to_pil
 
 logger = logging.getLogger(__name__)
@@ -50,7 +48,7 @@ DEFAULT_IMAGE_PREP = "no_resize"
 Translate = Callable[[torch.Tensor], torch.Tensor]
 
 
-class EvaluationError(ValueError):
+class EvaluationError(TurboError):
     """A model, dataset or option that cannot be evaluated."""
 
 
@@ -304,8 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = evaluate_model(args)
-    # our input errors subclass ValueError; a base or download that fails is a RuntimeError subclass
-    except (ValueError, OSError, BaseModelError, DownloadError) as e:
+    except TurboError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(asdict(result)))

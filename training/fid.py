@@ -39,6 +39,8 @@ from scipy import linalg
 from torch import nn
 from tqdm.auto import tqdm
 
+from turbo.errors import TurboError
+
 logger = logging.getLogger(__name__)
 
 # pytorch-fid's port of TensorFlow's inception-2015-12-05 FID graph; "6726825d" is the sha256 prefix
@@ -54,11 +56,11 @@ ImageSource = str | os.PathLike | Sequence[ImageItem]
 ImageTransform = Callable[[np.ndarray], np.ndarray]  # uint8 (H, W, 3) -> uint8 (h, w, 3)
 
 
-class FIDInputError(ValueError):
+class FIDInputError(TurboError):
     """Images or statistics that FID cannot be computed from."""
 
 
-class FrechetDistanceError(ValueError):
+class FrechetDistanceError(TurboError):
     """The matrix square root has a large imaginary part (clean-fid raises here too)."""
 
 

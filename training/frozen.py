@@ -12,11 +12,12 @@ import torch
 
 from training.discriminator import CLIPDiscriminator
 from training.losses import CLIPSimilarityLoss, LPIPSLoss
+from turbo.errors import TurboError
 
 logger = logging.getLogger(__name__)
 
 
-class FrozenNetworkError(ValueError):
+class FrozenNetworkError(TurboError):
     """A helper network that could not be loaded."""
 
 

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, CLIPTokenizer, PreTrainedTokenizerBase
 
+from turbo.errors import TurboError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLIP_ID = "openai/clip-vit-base-patch32"
@@ -23,7 +25,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_CONTEXT_LENGTH = 77  # OpenAI CLIP's text context; longer captions are truncated
 
 
-class LossInputError(ValueError):
+class LossInputError(TurboError):
     """Images or captions a loss cannot take."""
 
 

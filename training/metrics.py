@@ -6,6 +6,7 @@ import torch
 
 from training.dino_structure import DinoStructureDistance
 from training.fid import FIDExtractor, cached_stats, fid_between, frechet_distance
+from turbo.errors import TurboError
 
 __all__ = [
     "DinoStructureDistance",
@@ -18,7 +19,7 @@ __all__ = [
 ]
 
 
-class PSNRInputError(ValueError):
+class PSNRInputError(TurboError):
     """Tensors PSNR cannot compare."""
 
 

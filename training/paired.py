@@ -39,7 +39,7 @@ from training.runtime import Runtime, save_grid
 from training.state import ResumeError
 from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
 from turbo.base import BaseModel, load_base
-from turbo.checkpoint import TurboCheckpoint, load_checkpoint
+from turbo.formats import TurboCheckpoint, load_checkpoint
 from turbo.generator import Generator
 from turbo.preprocess import to_pil
 

@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from turbo.errors import TurboError
 
-class SamplerError(ValueError):
+
+class SamplerError(TurboError):
     """A dataset too small for the batch size and number of processes."""
 
 

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from turbo.checkpoint import TurboCheckpoint, save_checkpoint
 from turbo.download import fsync_directory
-from turbo.errors import first_line
+from turbo.errors import TurboError, first_line
+from turbo.formats import TurboCheckpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ _HIDDEN_DIR = re.compile(r"^\.step_(\d+)\.(partial|new|old|deleting)$")
 _PREFERENCE = {"new": 0, "": 1, "old": 2}
 
 
-class ResumeError(ValueError):
+class ResumeError(TurboError):
     """No usable checkpoint where --resume points."""
 
 

@@ -32,10 +32,8 @@ from training.state import (
     resolve_checkpoint,
     set_rng_state,
 )
-from turbo.base import BaseModelError
-from turbo.checkpoint import TurboCheckpoint, save_checkpoint
-from turbo.download import DownloadError
-from turbo.errors import first_line
+from turbo.errors import TurboError, first_line
+from turbo.formats import TurboCheckpoint, save_checkpoint
 from turbo.generator import Generator
 
 logger = logging.getLogger(__name__)
@@ -313,8 +311,7 @@ def cli_main(
     try:
         cfg = parse_config(argv)
         result = train(cfg)
-    # our input errors subclass ValueError; a base or download that fails is a RuntimeError subclass
-    except (ValueError, OSError, BaseModelError, DownloadError) as e:
+    except TurboError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

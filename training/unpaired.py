@@ -45,7 +45,7 @@ from training.frozen import build_discriminator, build_lpips
 from training.runtime import Runtime, save_grid
 from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
 from turbo.base import BaseModel, load_base
-from turbo.checkpoint import TurboCheckpoint
+from turbo.formats import TurboCheckpoint
 from turbo.generator import Generator
 from turbo.preprocess import to_model_input
 

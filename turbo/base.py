@@ -15,13 +15,15 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 
+from turbo.errors import TurboError
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_BASE = "stabilityai/sd-turbo"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class BaseModelError(RuntimeError):
+class BaseModelError(TurboError):
     """The base model could not be loaded (missing files, no network, wrong layout)."""
 
 

@@ -18,9 +18,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from turbo.base import DEFAULT_BASE, DTYPES, BaseModelError, resolve_device
-from turbo.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from turbo.download import DownloadError
-from turbo.pipeline import MAX_SEED, GammaError, Pipeline, PromptError
+from turbo.errors import TurboError
+from turbo.formats import CheckpointError, load_checkpoint, save_checkpoint
+from turbo.pipeline import MAX_SEED, GammaError, Pipeline
 from turbo.preprocess import (
     EVAL_IMAGE_PREPS,
     ImageError,
@@ -28,22 +28,18 @@ from turbo.preprocess import (
     load_image_limited,
     restore_size,
 )
-from turbo.registry import RELEASED, UnknownModelError
+from turbo.registry import RELEASED
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 # Pillow may be built without a writer for some of them (webp)
 OUTPUT_SUFFIXES = sorted(s for s in IMAGE_SUFFIXES if Image.registered_extensions().get(s) in Image.SAVE)
-USER_ERRORS = (
-    ImageError, CheckpointError, UnknownModelError, PromptError, GammaError, DownloadError, BaseModelError,
-    FileNotFoundError, ValueError,
-)  # fmt: skip
 
 
 # what the models run on; torch knows more device types (meta, xpu, ...) that cannot run them here
 RUNNABLE_DEVICES = ("cpu", "cuda", "mps")
 
 
-class OutputError(ValueError):
+class OutputError(TurboError):
     """An --output that cannot be written, or would overwrite the input or an existing file."""
 
 
@@ -226,7 +222,7 @@ def _check_parent(output: Path) -> None:
 def translate(args: argparse.Namespace) -> int:
     # every argument is checked before the base loads: loading and translating can take minutes
     if not args.input.exists():
-        raise FileNotFoundError(f"no such input: {args.input}")
+        raise ImageError(f"no such input: {args.input}")
     if args.gamma is not None and not 0.0 <= args.gamma <= 1.0:
         raise GammaError(f"--gamma must be in [0, 1], got {args.gamma}")
     check_canny_thresholds(args.canny_low, args.canny_high)  # once, not once per image of a folder
@@ -387,7 +383,7 @@ def check_convert_output(source: Path, output: Path, overwrite: bool = False) ->
 
 def convert(args: argparse.Namespace) -> int:
     if not args.input.exists():
-        raise FileNotFoundError(f"no such input: {args.input}")
+        raise ImageError(f"no such input: {args.input}")
     if args.input.is_dir():
         raise CheckpointError(f"{args.input} is a folder; give the checkpoint file to convert")
     check_convert_output(args.input, args.output, args.overwrite)
@@ -420,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return translate(args) if args.command == "translate" else convert(args)
-    except USER_ERRORS as e:
+    except TurboError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

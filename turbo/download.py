@@ -18,6 +18,8 @@ from typing import IO
 
 from tqdm import tqdm
 
+from turbo.errors import TurboError
+
 logger = logging.getLogger(__name__)
 
 OFFLINE_VARIABLES = ("TURBO_OFFLINE", "HF_HUB_OFFLINE")
@@ -25,7 +27,7 @@ CHUNK_BYTES = 1 << 20
 USER_AGENT = "turbo-downloader/0.1"
 
 
-class DownloadError(RuntimeError):
+class DownloadError(TurboError):
     """A file could not be downloaded; the message says how to place it by hand."""
 
 

@@ -20,9 +20,14 @@ from torch import nn
 
 from turbo import lora
 from turbo.base import BaseModel
-from turbo.checkpoint import CheckpointError, TurboCheckpoint
 from turbo.conv_in import SwitchableConvIn
+from turbo.errors import TurboError
+from turbo.formats import CheckpointError, TurboCheckpoint
 from turbo.skip_vae import SkipVAE
+
+
+class ModelNameTakenError(TurboError):
+    """A model name that is already loaded (names the adapters, so it must be unique)."""
 
 
 @dataclass
@@ -96,7 +101,7 @@ class Generator(nn.Module):
     # ---- adding and removing models ----
     def _add(self, name, kind, stochastic, ranks, unet_targets, vae_targets, directions) -> LoadedModel:
         if name in self.models:
-            raise ValueError(f"a model named {name!r} is already loaded")
+            raise ModelNameTakenError(f"a model named {name!r} is already loaded")
         self.unfold()
         m = LoadedModel(name, f"m{next(self._ids)}", kind, stochastic, *ranks, directions=list(directions))
         self.models[name] = m
@@ -156,9 +161,9 @@ class Generator(nn.Module):
             m = self._add(
                 name, ckpt.kind, ckpt.stochastic, ranks, targets(ckpt.unet), vae_targets, ckpt.directions
             )
+        except ModelNameTakenError:
+            raise
         except (ValueError, KeyError, AttributeError, RuntimeError) as e:
-            if isinstance(e, ValueError) and "already loaded" in str(e):
-                raise
             raise CheckpointError(f"{where} does not fit the base model: {e}") from e
         try:
             self._load_weights(m, ckpt, where)

@@ -14,8 +14,10 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from turbo.errors import TurboError
 
-class LoraWeightsError(ValueError):
+
+class LoraWeightsError(TurboError):
     """LoRA weights that do not fit the network they are loaded into."""
 
 

@@ -20,19 +20,24 @@ from PIL import Image
 
 from turbo import preprocess as pp
 from turbo.base import DEFAULT_BASE, load_base
-from turbo.checkpoint import TurboCheckpoint, file_version, load_checkpoint
-from turbo.fast import FastOptions, FastPath, bf16_is_native
+from turbo.errors import SettingError, TurboError
+from turbo.fast.path import FastOptions, FastPath, bf16_is_native
+from turbo.formats import TurboCheckpoint, file_version, load_checkpoint
 from turbo.generator import Generator
 from turbo.registry import RELEASED, UnknownModelError, checkpoint_path
 
 logger = logging.getLogger(__name__)
 
 
-class PromptError(ValueError):
+class PromptError(TurboError):
     """A prompt is missing where the model needs one."""
 
 
-class GammaError(ValueError):
+class SeedError(TurboError):
+    """A seed that is not a whole number in 0..MAX_SEED."""
+
+
+class GammaError(TurboError):
     """A gamma outside [0, 1], or given to a model that has no use for it."""
 
 
@@ -71,16 +76,16 @@ PREPROCESS_CHOICES = ("canny", "sketch", "none")
 
 
 def _check_seed(seed: object) -> int:
-    """`seed` as an int if it is a whole number in 0..MAX_SEED (not a bool, not a float); else ValueError."""
+    """`seed` as an int if it is a whole number in 0..MAX_SEED (not a bool, not a float); else SeedError."""
     if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+        raise SeedError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
     return int(seed)
 
 
 def _check_preprocess(preprocess: object) -> str | None:
-    """`preprocess` if it is None (the model's own) or one of PREPROCESS_CHOICES; else ValueError."""
+    """`preprocess` if it is None (the model's own) or one of PREPROCESS_CHOICES; else SettingError."""
     if preprocess is not None and preprocess not in PREPROCESS_CHOICES:
-        raise ValueError(
+        raise SettingError(
             f"preprocess must be one of {', '.join(PREPROCESS_CHOICES)} (or None), got {preprocess!r}"
         )
     return preprocess
@@ -135,9 +140,9 @@ class Pipeline:
         restore: str = "auto",
     ):
         if max_models < 1:
-            raise ValueError(f"max_models must be at least 1, got {max_models}")
+            raise SettingError(f"max_models must be at least 1, got {max_models}")
         if max_side < 8:
-            raise ValueError(f"max_side must be at least 8 pixels, got {max_side}")
+            raise SettingError(f"max_side must be at least 8 pixels, got {max_side}")
         self.base = load_base(base, device, dtype)
         if self.base.dtype == torch.bfloat16 and not bf16_is_native(self.base.device):
             logger.warning(
@@ -236,7 +241,7 @@ class Pipeline:
         kind = info.input
         if _check_preprocess(preprocess) is not None:
             if info.kind != "paired":
-                raise ValueError("a preprocessing override applies to paired models only")
+                raise SettingError("a preprocessing override applies to paired models only")
             kind = preprocess
         if kind == "unpaired":
             prepped = pp.build_transform(info.image_prep)(image) if info.image_prep else image
@@ -258,7 +263,7 @@ class Pipeline:
         info = self.load(model)
         direction = direction or info.default_direction
         if direction not in info.directions:
-            raise ValueError(
+            raise SettingError(
                 f"model {info.name} has no direction {direction} (it has {', '.join(info.directions)})"
             )
         prompt = self.pick_prompt(info, prompt, direction)
@@ -325,7 +330,7 @@ class Pipeline:
         Results come in the order of `images`; `seconds` is the mean time per image.
         """
         if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+            raise SettingError(f"batch_size must be at least 1, got {batch_size}")
         # before the images and the model load: a wrong argument should not cost a download first
         seed, preprocess = _check_seed(seed), _check_preprocess(preprocess)
         images = [

@@ -19,6 +19,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms
 
+from turbo.errors import SettingError, TurboError
+
 logger = logging.getLogger(__name__)
 
 # Larger images are refused before decoding: a small file can decode into gigabytes (a
@@ -42,7 +44,7 @@ EVAL_IMAGE_PREPS = tuple(p for p in IMAGE_PREPS if "random" not in p)
 ImageSource = str | os.PathLike | IO[bytes] | Image.Image
 
 
-class ImageError(ValueError):
+class ImageError(TurboError):
     """An image that cannot be used: missing, unreadable, corrupt, too large or too small."""
 
 
@@ -231,7 +233,7 @@ def to_model_input(image: Image.Image, kind: str) -> torch.Tensor:
       "unpaired" the image normalised to [-1, 1].
     """
     if kind not in INPUT_KINDS:
-        raise ValueError(f"unknown input kind {kind!r}; valid kinds: {', '.join(INPUT_KINDS)}")
+        raise SettingError(f"unknown input kind {kind!r}; valid kinds: {', '.join(INPUT_KINDS)}")
     if image.mode != "RGB":
         image = image.convert("RGB")
     tensor = TF.to_tensor(image)
@@ -285,7 +287,7 @@ def build_transform(image_prep: str) -> Callable[[Image.Image], Image.Image]:
         return transforms.Resize((512, 512), interpolation=lanczos)
     if image_prep == "no_resize":
         return transforms.Compose([])
-    raise ValueError(f"unknown image_prep {image_prep!r}; valid: {', '.join(IMAGE_PREPS)}")
+    raise SettingError(f"unknown image_prep {image_prep!r}; valid: {', '.join(IMAGE_PREPS)}")
 
 
 def to_pil(tensor: torch.Tensor) -> Image.Image:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from turbo.download import default_cache_dir, download
+from turbo.errors import TurboError
+
+if TYPE_CHECKING:
+    from turbo.formats import TurboCheckpoint
 
 BASE_URL = "https://www.cs.cmu.edu/~img2img-turbo/models/"
 
@@ -31,11 +36,11 @@ STYLES: dict[str, str] = {
 DEFAULT_STYLE = "Fantasy art"
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(TurboError):
     """A model name that is not one of the released models."""
 
 
-class UnknownStyleError(ValueError):
+class UnknownStyleError(TurboError):
     """A style name that is not in STYLES."""
 
 
@@ -132,3 +137,21 @@ def checkpoint_path(name: str, cache_dir: Path | None = None, progress: bool = T
     model = get_released(name)
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return download(model.url, directory / model.filename, progress=progress)
+
+
+def released_file(filename: str) -> ReleasedModel | None:
+    """The first released model whose file is called `filename` (two names share each unpaired file)."""
+    return next((m for m in RELEASED.values() if m.filename == filename), None)
+
+
+def apply_released_conventions(ckpt: TurboCheckpoint, filename: str) -> bool:
+    """Give an original `.pkl` read from a file called `filename` what the original code hard-codes
+    per released model and is not in the file: its input (Canny edges, sketch), image preparation
+    and, for unpaired models, the caption of the direction it runs. False for any other name."""
+    released = released_file(filename)
+    if released is None:
+        return False
+    ckpt.input, ckpt.image_prep = released.preprocess, released.image_prep
+    if released.caption:
+        ckpt.prompts[released.direction] = released.caption
+    return True

@@ -6,7 +6,7 @@ arithmetic. A CUDA graph records the launches once and replays them with one cal
 
 A graph replays the same kernels on the same memory: the inputs are copied into tensors the graph
 owns, and every weight it reads must keep its storage. The fast path's folds and switches write
-the weights in place (`turbo.fast`), so one graph per input shape serves every model, direction
+the weights in place (`turbo.fast.path`), so one graph per input shape serves every model, direction
 and gamma; gamma itself is an input tensor, not a constant baked into the graph.
 """
 

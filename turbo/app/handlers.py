@@ -23,11 +23,10 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from turbo.base import BaseModelError
-from turbo.checkpoint import CheckpointError
-from turbo.download import DownloadError
-from turbo.models_folder import FolderModel, ModelsFolder, UploadError
-from turbo.pipeline import MAX_SEED, GammaError, ModelInfo, Pipeline, PromptError, Translation, get_pipeline
+from turbo.app.models_folder import FolderModel, ModelsFolder
+from turbo.errors import TurboError
+from turbo.formats import CheckpointError
+from turbo.pipeline import MAX_SEED, GammaError, ModelInfo, Pipeline, SeedError, Translation, get_pipeline
 from turbo.preprocess import (
     ImageError,
     ThresholdError,
@@ -53,10 +52,6 @@ except ImportError:  # anywhere else: no-op
 NO_STYLE = "(no style)"
 STYLE_CHOICES = [NO_STYLE, *STYLES]
 DEFAULT_GAMMA = 0.4
-USER_ERRORS = (
-    ImageError, PromptError, GammaError, CheckpointError, DownloadError, UnknownModelError, BaseModelError,
-    UploadError, ValueError,
-)  # fmt: skip
 INPUT_WORDS = {
     "canny": "Canny edges of your image",
     "sketch": "your sketch (dark strokes on white)",
@@ -68,10 +63,6 @@ KEEP_OUTPUTS = 32  # result files kept for the download button
 
 class MissingInputError(ImageError):
     """Nothing to translate yet: an empty canvas or no upload."""
-
-
-class SeedError(ValueError):
-    """A seed that is not a whole number in 0..MAX_SEED."""
 
 
 def parse_seed(value: float | str | None) -> int:
@@ -298,7 +289,7 @@ class TurboApp:
             entry = self.folder.add_upload(
                 file, Path(file).name, check=lambda p: gpu_load(self.pipeline_key, str(p))
             )
-        except USER_ERRORS as e:
+        except TurboError as e:
             self.warn(str(e))
             return gr.update(), self.folder_markdown(), _message(str(e))
         self.rescan()
@@ -421,7 +412,7 @@ class TurboApp:
             image, note = self.input_image(source, sketch, upload)
         except MissingInputError as e:  # a hint, not a fault: live events would pop it up repeatedly
             return None, None, None, f"ℹ️ {html.escape(str(e))}", source
-        except USER_ERRORS as e:
+        except TurboError as e:
             self.warn(str(e))
             return None, None, None, _message(str(e)), source
         try:
@@ -433,7 +424,7 @@ class TurboApp:
                 self.pipeline_key, image, c.model, prompt=text or None, direction=c.direction,
                 gamma=gamma, seed=seed, canny_low=canny_low, canny_high=canny_high,
             )  # fmt: skip
-        except USER_ERRORS as e:
+        except TurboError as e:
             if isinstance(e, CheckpointError) and not c.released:
                 self.folder.mark_unusable(c.model, str(e))
             self.warn(str(e))

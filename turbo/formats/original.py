@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from turbo.checkpoint import CheckpointError, TurboCheckpoint, is_torch_save
-from turbo.registry import RELEASED
+from turbo.errors import first_line
+from turbo.formats.checkpoint import CheckpointError, TurboCheckpoint, is_torch_save
 
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default lora_alpha, which the paired models were trained with
 PAIRED_KEYS = {"rank_unet", "rank_vae", "state_dict_unet", "state_dict_vae"}
@@ -36,10 +36,6 @@ def _strip_adapter(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
-def _first_line(e: Exception) -> str:
-    return next(iter(str(e).splitlines()), "") or type(e).__name__  # an empty file's EOFError is blank
-
-
 def _read(path: Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(2)
@@ -50,10 +46,10 @@ def _read(path: Path) -> dict:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused: the file holds objects other than tensors and plain data "
-            f"(turbo never unpickles arbitrary code). {_first_line(e)}"
+            f"(turbo never unpickles arbitrary code). {first_line(e)}"
         ) from e
     except Exception as e:  # garbage makes the unpickler fail in many ways (IndexError, KeyError, ...)
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from e
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(e)})") from e
     if not isinstance(sd, dict):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(sd).__name__}")
     return sd
@@ -115,23 +111,12 @@ def _unpaired(sd: dict, path: Path) -> TurboCheckpoint:
     )
 
 
-def _released_conventions(ckpt: TurboCheckpoint, filename: str) -> None:
-    """What the original code hard-codes per released model, and not in the file: its input
-    (Canny edges, sketch) and, for unpaired models, the caption of the direction it runs."""
-    released = next((m for m in RELEASED.values() if m.filename == filename), None)
-    if released is None:
-        return
-    ckpt.input, ckpt.image_prep = released.preprocess, released.image_prep
-    if released.caption:
-        ckpt.prompts[released.direction] = released.caption
-
-
 def load_original_pkl(path: str | Path) -> TurboCheckpoint:
     """Read one of the original `.pkl` layouts with `torch.load(weights_only=True)`.
 
-    A released file (by its released name, e.g. `edge_to_image_loras.pkl`) is fed as the original
-    feeds it; any other paired file gets the image as given and an unpaired one a 512x512 resize,
-    as the original's CLI does for a custom `--model_path`.
+    A paired file gets the image as given and an unpaired one a 512x512 resize, as the original's
+    CLI does for a custom `--model_path`; `turbo.formats.load_checkpoint` then gives a released file
+    (by its released name) what the original hard-codes for it.
     """
     path = Path(path)
     sd = _read(path)
@@ -148,9 +133,6 @@ def load_original_pkl(path: str | Path) -> TurboCheckpoint:
     except CheckpointError:
         raise
     except (AttributeError, TypeError, ValueError, KeyError) as e:  # the right keys, holding the wrong things
-        raise CheckpointError(
-            f"{path}: a damaged {layout} img2img-turbo checkpoint ({_first_line(e)})"
-        ) from e
-    _released_conventions(ckpt, path.name)
+        raise CheckpointError(f"{path}: a damaged {layout} img2img-turbo checkpoint ({first_line(e)})") from e
     ckpt.validate()
     return ckpt

@@ -1,4 +1,4 @@
-"""Draw the app's example images (our own, made with Pillow): python assets/make_assets.py
+"""Draw the app's example images (our own, made with Pillow): python turbo/app/examples/make_assets.py
 
 sketch_house.png  black strokes on white, for the sketch model
 edges_scene.png   a flat-shaded scene with clear edges, for the edge model

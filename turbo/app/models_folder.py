@@ -3,7 +3,7 @@
 A file is offered only once it is complete: temporary names (hidden files, `.part`, `.tmp`, ...)
 are ignored, and a file must keep the same size and modification time for `settle_seconds` before
 it is read (a copy in progress keeps changing). Each complete file is then read once per version
-(size, mtime) with `turbo.checkpoint.load_checkpoint`, so a broken file is listed as unusable with
+(size, mtime) with `turbo.formats.checkpoint.load_checkpoint`, so a broken file is listed as unusable with
 the reason, and a changed file is read again.
 """
 
@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from turbo.checkpoint import CheckpointError, file_version, load_checkpoint
+from turbo.errors import TurboError
+from turbo.formats import CheckpointError, file_version, load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-class UploadError(ValueError):
+class UploadError(TurboError):
     """An uploaded file that cannot go into the models folder."""
 
 

@@ -10,13 +10,13 @@
   skip convs (+ LoRA, times gamma) become plain 1x1 convs; both are persistent modules whose
   weights are overwritten in place, so a compiled graph survives a switch;
 - the VAE decoder's upsamplers (nearest 2x, then a 3x3 conv) run as four 2x2 convs at the lower
-  resolution (`turbo.subpixel`): the same result with 16/36 of the multiply-adds;
+  resolution (`turbo.fast.subpixel`): the same result with 16/36 of the multiply-adds;
 - the timestep tensor is made once; channels_last and inference mode are on; on CUDA each input
-  shape's forward is captured once as a CUDA graph and replayed (`turbo.cuda_graph`), and GroupNorm
-  runs as reductions that fill the GPU (`turbo.group_norm`); torch.compile is optional.
+  shape's forward is captured once as a CUDA graph and replayed (`turbo.fast.cuda_graph`), and GroupNorm
+  runs as reductions that fill the GPU (`turbo.fast.group_norm`); torch.compile is optional.
 
 Exactness of a switch. Many models share the base weights, so a switch must give the base back
-bit for bit: `turbo.exact_fold` adds each delta in place and keeps a small record (about 0.2
+bit for bit: `turbo.fast.exact_fold` adds each delta in place and keeps a small record (about 0.2
 bytes per folded element with large random deltas) that makes the subtraction exact. The delta
 is recomputed on unfold by the same code from the same LoRA tensors, hence bit-identical. On a GPU
 the fast path keeps a copy of the folded base weights in pinned host memory instead and restores
@@ -38,17 +38,19 @@ from diffusers.models.upsampling import Upsample2D
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from turbo import exact_fold, lora
-from turbo.cuda_graph import GraphCache
+from turbo import lora
+from turbo.errors import SettingError, TurboError
+from turbo.fast import exact_fold
+from turbo.fast.cuda_graph import GraphCache
+from turbo.fast.group_norm import restore_group_norms, swap_group_norms
+from turbo.fast.subpixel import SubpixelUpsample
 from turbo.generator import Generator
-from turbo.group_norm import restore_group_norms, swap_group_norms
 from turbo.skip_vae import SkipConvs
-from turbo.subpixel import SubpixelUpsample
 
 logger = logging.getLogger(__name__)
 
 
-class FastPathError(ValueError):
+class FastPathError(TurboError):
     """A call the fast path cannot serve (e.g. a per-sample gamma, which only training uses)."""
 
 
@@ -63,12 +65,12 @@ class FastOptions:
     compile: bool = False
     compile_mode: str | None = None  # torch.compile's mode, e.g. "max-autotune"
     # On CUDA, with the fold and without compile: replay one captured CUDA graph per input shape
-    # (`turbo.cuda_graph`), which takes the cpu's kernel-launch time out of each image.
+    # (`turbo.fast.cuda_graph`), which takes the cpu's kernel-launch time out of each image.
     cuda_graph: bool = True
-    # GroupNorm as `turbo.group_norm.SplitGroupNorm` while folded; None: on CUDA without compile (there
+    # GroupNorm as `turbo.fast.group_norm.SplitGroupNorm` while folded; None: on CUDA without compile (there
     # PyTorch's kernel fills a fraction of the GPU at batch 1; on the cpu and under inductor it need not)
     split_group_norm: bool | None = None
-    # How a switch gives the base its exact weights back (`turbo.exact_fold`): "record" keeps ~0.2
+    # How a switch gives the base its exact weights back (`turbo.fast.exact_fold`): "record" keeps ~0.2
     # bytes per folded element; "copy" keeps a copy of every folded base weight in host memory (pinned)
     # and restores by copying: switches 4x faster on an H200 (where the record's many small kernels and
     # host syncs bound them) and 4-9x on a 2-core cpu; "auto": "copy" on CUDA, "record" elsewhere
@@ -77,7 +79,7 @@ class FastOptions:
 
     def restore_mode(self, device: torch.device) -> str:
         if self.restore not in ("auto", "record", "copy"):
-            raise ValueError(f"restore must be 'auto', 'record' or 'copy', not {self.restore!r}")
+            raise SettingError(f"restore must be 'auto', 'record' or 'copy', not {self.restore!r}")
         if self.restore == "auto":
             return "copy" if device.type == "cuda" else "record"
         return self.restore
@@ -251,7 +253,7 @@ class FastPath:
         return self.generator.folded is self
 
     def restore_bytes(self) -> int:
-        """Host memory held to restore the base exactly (see `turbo.exact_fold`)."""
+        """Host memory held to restore the base exactly (see `turbo.fast.exact_fold`)."""
         if self._copies is not None:
             return sum(kept.copy.numel() * kept.copy.element_size() for kept in self._copies.values())
         return sum(f.record.nbytes for f in self._unet_folds + self._vae_folds)

@@ -1,0 +1,284 @@
+"""turbo's Gradio app: sketch or upload, pick a model, get the translation live.
+
+python app.py [--base ID_OR_DIR] [--models-dir checkpoints] [--device cuda] [--dtype fp16] [--port 7860]
+(or `turbo-app ...` once the package is installed)
+
+The base model loads once per process; models (released ones and every checkpoint found in the
+models folder, which is rescanned while the app runs) are cached by the pipeline. The logic lives in
+handlers.py and models_folder.py beside this file; this one is the layout and the wiring.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+try:  # Hugging Face ZeroGPU: `spaces` must be imported before anything touches CUDA
+    import spaces  # noqa: F401
+except ImportError:
+    spaces = None
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+
+from turbo.app.handlers import MAX_SEED, NO_STYLE, STYLE_CHOICES, TurboApp  # noqa: E402
+from turbo.app.models_folder import ModelsFolder  # noqa: E402
+from turbo.base import DEFAULT_BASE, DTYPES  # noqa: E402
+from turbo.cli import check_device  # noqa: E402
+from turbo.errors import TurboError  # noqa: E402
+from turbo.pipeline import get_pipeline  # noqa: E402
+from turbo.registry import DEFAULT_STYLE  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parent / "examples"
+# (image, model, prompt, style): our own drawings, one per kind of model.
+EXAMPLES = [
+    ("sketch_house.png", "sketch_to_image_stochastic", "a cozy cottage with a garden", DEFAULT_STYLE),
+    ("edges_scene.png", "edge_to_image", "a red barn in front of mountains at sunset", "Photographic"),
+    ("day_street.png", "day_to_night", "driving in the night", NO_STYLE),
+    ("day_street.png", "clear_to_rainy", "driving in heavy rain", NO_STYLE),
+]
+CSS = "#status {min-height: 2.5em}"
+MIN_SIDE = 64  # smallest --max-side: the models (trained at 512 px) give nothing usable much below it
+
+
+def tolerant(image: gr.Image) -> gr.Image:
+    """Make an image input hand a file Pillow cannot open to the handler as its path, so the handler
+    can say what is wrong with it (plain gr.Image fails before the handler with a bare 'Error').
+    Patched on the instance: a gr.Image subclass would make gradio write an app.pyi stub here."""
+    strict = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return strict(payload)
+        except Exception:
+            return None if payload is None else payload.path
+
+    image.preprocess = preprocess
+    return image
+
+
+def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` (int or float) >= minimum."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if not value >= minimum:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {text}")
+        return value
+
+    parse.__name__ = "integer" if kind is int else "number"  # argparse: "invalid integer value: 'x'"
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="turbo's Gradio app (one-step image-to-image translation)")
+    p.add_argument("--base", default=DEFAULT_BASE, help="base model: hub id or local diffusers folder")
+    p.add_argument(
+        "--models-dir", type=Path, default=Path("checkpoints"), help="folder watched for checkpoints"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: the best available)")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default=None, help="default: fp16 on cuda, fp32 elsewhere"
+    )
+    p.add_argument("--host", default=None, help="default 127.0.0.1 (0.0.0.0 on Hugging Face Spaces)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    p.add_argument("--model", default=None, help="model selected at start (default: the sketch model)")
+    p.add_argument(
+        "--max-models", type=_at_least(1), default=4, help="models kept loaded, >= 1 (least recently used go)"
+    )
+    p.add_argument(
+        "--max-side",
+        type=_at_least(MIN_SIDE),
+        default=1024,
+        help=f"uploads are downscaled to this longer side (pixels, >= {MIN_SIDE})",
+    )
+    p.add_argument(
+        "--rescan-seconds",
+        type=_at_least(0.1, float),
+        default=5.0,
+        help="how often the models folder is rescanned (seconds, >= 0.1)",
+    )
+    p.add_argument(
+        "--settle-seconds",
+        type=_at_least(0.0, float),
+        default=2.0,
+        help="a new file must be unchanged this long (seconds, >= 0)",
+    )
+    p.add_argument(
+        "--canvas-size", type=_at_least(64), default=512, help="sketch canvas side in pixels, >= 64"
+    )
+    p.add_argument(
+        "--queue-size", type=_at_least(1), default=16, help="requests that may wait, >= 1 (more are refused)"
+    )
+    p.add_argument(
+        "--restore", choices=["auto", "record", "copy"], default="auto",
+        help="how a switch between models gives the base back: record (least memory) or copy (a copy of "
+        "the base weights in host memory, 3.5 GB in fp32: on the cpu 4-9x faster switches); auto: copy "
+        "on CUDA, record elsewhere",
+    )  # fmt: skip
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def default_host() -> str:
+    """Loopback, except on Hugging Face Spaces (SPACE_ID is set there), which needs every address."""
+    return "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"
+
+
+def create_app(args: argparse.Namespace) -> TurboApp:
+    """Load the base (BaseModelError, a TurboError, if it cannot be, or if the device cannot run it) and scan the
+    models folder."""
+    check_device(args.device)  # "meta" and the like would load, then fail at the first translation
+    key = (args.base, args.device, args.dtype)
+    get_pipeline(*key, max_models=args.max_models, restore=args.restore)
+    folder = ModelsFolder(args.models_dir, settle_seconds=args.settle_seconds)
+    return TurboApp(key, folder, max_side=args.max_side, max_models=args.max_models)
+
+
+def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Blocks:
+    """The page (not launched). `app` defaults to `create_app(args)`."""
+    app = app or create_app(args)
+    first = args.model if args.model in app.labels else "sketch_to_image_stochastic"
+    tab = app.choice(first).tab
+    with gr.Blocks(title="turbo: one-step image translation", delete_cache=(3600, 3600)) as demo:
+        gr.Markdown(
+            "# turbo: one-step image-to-image translation\n"
+            "Draw or upload an image, pick a model: the result updates as you go."
+        )
+        source = gr.State(tab)  # which input the last translation used: "sketch" | "upload"
+        with gr.Row():
+            with gr.Column():
+                with gr.Tabs(selected=tab) as tabs:
+                    with gr.Tab("Sketch", id="sketch") as sketch_tab:
+                        sketch = gr.Sketchpad(
+                            type="pil", image_mode="L", canvas_size=(args.canvas_size,) * 2, layers=False,
+                            transforms=(),
+                            brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=4),
+                            eraser=gr.Eraser(default_size=16), label="Sketch (black on white)",
+                            elem_id="sketch",
+                        )  # fmt: skip
+                    with gr.Tab("Upload", id="upload") as upload_tab:
+                        upload = tolerant(gr.Image(
+                            type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                            label="Image (upload, drop or paste)", elem_id="upload",
+                        ))  # fmt: skip
+                with gr.Row():
+                    model = gr.Dropdown(
+                        app.labels,
+                        value=first,
+                        allow_custom_value=True,
+                        label="Model",
+                        elem_id="model",
+                        scale=4,
+                    )
+                    refresh = gr.Button("↻ Rescan", size="sm", scale=1, elem_id="refresh")
+                prompt = gr.Textbox(
+                    label="Prompt", lines=1, placeholder="describe the image you want", elem_id="prompt"
+                )
+                style = gr.Dropdown(STYLE_CHOICES, value=DEFAULT_STYLE, label="Style", elem_id="style")
+                gamma = gr.Slider(0, 1, value=0.4, step=0.05, label="Gamma", elem_id="gamma")
+                with gr.Row():
+                    seed = gr.Number(
+                        value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed",
+                        scale=3,
+                    )  # fmt: skip
+                    randomize = gr.Button("Random seed", size="sm", scale=1, elem_id="random")
+                with gr.Row():
+                    canny_low = gr.Slider(0, 255, value=100, step=1, label="Canny low threshold")
+                    canny_high = gr.Slider(0, 255, value=200, step=1, label="Canny high threshold")
+                run = gr.Button("Translate", variant="primary", elem_id="run")
+            with gr.Column():
+                output = gr.Image(
+                    label="Output", type="pil", format="png", interactive=False, elem_id="output",
+                    buttons=["download", "fullscreen"],
+                )  # fmt: skip
+                download = gr.DownloadButton("Download PNG", elem_id="download")
+                status = gr.Markdown(
+                    "ℹ️ Draw on the canvas or upload an image.", label="Status", elem_id="status"
+                )
+                info = gr.Markdown(label="Model", elem_id="info")
+                condition = gr.Image(label="Edge map (what the model sees)", type="pil", interactive=False)
+        with gr.Accordion("Models folder", open=False):
+            folder_text = gr.Markdown(app.folder_markdown(), label="Models folder", elem_id="folder")
+            checkpoint = gr.File(
+                label="Add a checkpoint (.safetensors or .pkl)",
+                file_types=[".safetensors", ".pkl"],
+                type="filepath",
+            )
+        gr.Examples(
+            [[str(ASSETS / f), m, p, s] for f, m, p, s in EXAMPLES if (ASSETS / f).is_file()],
+            inputs=[upload, model, prompt, style],
+            label="Examples (our own drawings; the released models download on first use)",
+        )
+        timer = gr.Timer(args.rescan_seconds)
+
+        # ---- wiring ----
+        common = [model, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high]
+        results = [output, condition, download, status, source]
+        gpu = dict(concurrency_limit=1, concurrency_id="gpu", trigger_mode="always_last")
+
+        def from_sketch(label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high):
+            return app.run("sketch", label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high)
+
+        def from_upload(label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high):
+            return app.run("upload", label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high)
+
+        sketch.change(from_sketch, common, results, api_name="translate_sketch", **gpu)
+        upload.change(from_upload, common, results, api_name="translate_upload", **gpu)
+        run.click(app.run, [source, *common], results, api_name="translate", **gpu)
+        for event in (
+            gamma.release,
+            seed.change,
+            prompt.submit,
+            style.input,
+            canny_low.release,
+            canny_high.release,
+        ):
+            event(app.run, [source, *common], results, api_name=False, **gpu)
+
+        controls = [prompt, style, gamma, canny_low, canny_high, condition, tabs, info, source]
+        model.change(app.model_changed, [model, prompt, sketch, upload], controls, api_name="set_model").then(
+            app.run, [source, *common], results, api_name=False, **gpu
+        )
+        demo.load(app.model_changed, [model, prompt, sketch, upload], controls, api_name=False)
+        sketch_tab.select(lambda: "sketch", None, source, api_name=False)
+        upload_tab.select(lambda: "upload", None, source, api_name=False)
+        randomize.click(app.random_seed, None, seed, api_name="random_seed")
+
+        refresh.click(app.refresh, [model], [model, folder_text], api_name="refresh")
+        timer.tick(app.refresh, [model], [model, folder_text], api_name=False, show_progress="hidden")
+        checkpoint.upload(
+            app.upload_checkpoint,
+            [checkpoint, model],
+            [model, folder_text, status],
+            api_name="upload_checkpoint",
+        )
+    demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
+    )
+    try:
+        app = create_app(args)
+    except TurboError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    demo = build_demo(args, app)
+    demo.launch(
+        server_name=args.host or default_host(), server_port=args.port, share=False, show_error=True, css=CSS
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
