@@ -190,7 +190,8 @@ def test_model_change_adapts_the_controls(app):
     prompt, *_ = app.model_changed("edge_to_image", "night")  # a pre-filled caption is replaced
     assert prompt["value"] == "a blue bird"
     # a sketch model with only an uploaded image (an example was clicked) stays on the upload
-    *_, tabs, _, source = app.model_changed("sketch.safetensors", "", None, "assets/sketch_house.png")
+    example = "turbo/app/examples/sketch_house.png"
+    *_, tabs, _, source = app.model_changed("sketch.safetensors", "", None, example)
     assert source == "upload" and tabs.selected == "upload"
     *_, text, source = app.model_changed("nonexistent", "")
     assert "no model called" in text

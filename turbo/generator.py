@@ -62,7 +62,7 @@ class Generator(nn.Module):
         self.schedule = base.schedule
         self.models: dict[str, LoadedModel] = {}
         self._ids = itertools.count()
-        # Set by `turbo.fast.FastPath` while it has a model folded into the base weights.
+        # Set by `turbo.fast.path.FastPath` while it has a model folded into the base weights.
         self.folded = None
 
     def unfold(self) -> None:

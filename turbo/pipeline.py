@@ -122,7 +122,7 @@ class Pipeline:
     """A base model with a bounded, least-recently-used cache of loaded models.
 
     Thread-safe: translations run one at a time (the lock also guards loading and eviction).
-    `fast=True` (the default) runs `turbo.fast.FastPath`: the active model's adapters folded into
+    `fast=True` (the default) runs `turbo.fast.path.FastPath`: the active model's adapters folded into
     the base, the base restored exactly on a switch (`restore`: how, see `FastOptions.restore`);
     `compile=True` adds torch.compile to it.
     """

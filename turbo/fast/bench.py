@@ -8,7 +8,7 @@ conv, unpaired with two directions), and prints markdown tables:
 - per size: median per-image latency after warm-up, peak memory, the ratio to the plain path and
   the largest pixel difference to the plain path's image, for
   plain       what the original code does: peft LoRA unfolded, prompt encoded every call, no_grad
-  fast        our default (turbo.fast.FastPath with the prompt embedding cached)
+  fast        our default (turbo.fast.path.FastPath with the prompt embedding cached)
   +fold, +fold +subpixel, (+fold +CUDA graph, +fold +split GroupNorm), +prompt cache, +channels_last,
               +inference_mode: each optimisation alone on top of plain (subpixel upsampling, CUDA
               graphs and the split GroupNorm need the fold; the last two are CUDA only); on CUDA

@@ -25,7 +25,7 @@ The other way to give the base back exactly is to keep a copy of it: `host_copy`
 (pinned host memory on a GPU), `add_plain_` to fold, `copy_back_` to restore. It keeps a byte per
 byte of folded weight instead of ~0.2 per element, but a restore is one copy and a fold one add
 per layer, where the record costs dozens of small kernels and a host sync (`nonzero`) per chunk:
-on a GPU those bound the switch, so there the copy wins (see `turbo.fast.FastOptions.restore`).
+on a GPU those bound the switch, so there the copy wins (see `turbo.fast.path.FastOptions.restore`).
 """
 
 from __future__ import annotations
