@@ -21,11 +21,20 @@ from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from reference import RefPaired
 from safetensors.torch import save_file
-from training_assets import flat, make_shapes_dataset, make_tiny_clip, one_thread  # noqa: F401
+from training_assets import (
+    flat,
+    make_domains_dataset,
+    make_shapes_dataset,
+    make_tiny_clip,
+    make_tiny_dino,
+    one_thread,  # noqa: F401 (autouse fixture)
+)
 
 from training.config import CommonConfig, ConfigError
 from training.hub_push import STAGING, HubPush
 from training.paired import main as paired_main
+from training.unpaired import UnpairedConfig
+from training.unpaired import train as train_unpaired
 from turbo.cli import main as cli_main
 from turbo.formats import load_checkpoint, save_checkpoint
 from turbo.model_card import figures_from_metrics, is_hub_id
@@ -352,6 +361,32 @@ def test_a_failed_push_leaves_training_running_and_the_next_push_uploads_the_lat
     assert Path(path).parent == cache / "models--me--x" / "snapshots" / SHA
     pushed, local = flat(load_checkpoint(path)), flat(load_checkpoint(run / "model.safetensors"))
     assert pushed.keys() == local.keys() and all(torch.equal(pushed[k], local[k]) for k in local)
+
+
+def test_an_unpaired_run_pushes_both_directions_and_its_dino_figures(assets, tmp_path, monkeypatch):
+    rec = Recorder(monkeypatch)
+    data = make_domains_dataset(tmp_path / "domains", n_train=(2, 2), n_test=(2, 2))
+    cfg = UnpairedConfig(
+        dataset=str(data), output=str(tmp_path / "run"), base=str(assets["base"]),
+        disc_backbone=str(assets["clip"]), dino_model=str(make_tiny_dino(tmp_path / "dino")),
+        lpips_pretrained=False, train_image_prep="no_resize", test_image_prep="no_resize", batch_size=1,
+        max_steps=1, rank_unet=4, eval_every=1, checkpoint_every=0, cpu=True, report_to="none",
+        lambda_cycle_lpips=0, lambda_idt_lpips=0, push_to_hub="me/h2z", push_private=True,
+    )  # fmt: skip
+    result = train_unpaired(cfg)
+    [repo] = rec.repos
+    assert repo["private"] is True
+    [commit] = rec.commits
+    files = commit["files"]
+    assert files["model.safetensors"] == (tmp_path / "run" / "model.safetensors").read_bytes()
+    assert card_data(files["README.md"])["tags"] == ["turbo", "cyclegan-turbo", "lora", "image-to-image"]
+    body = ModelCard(files["README.md"].decode()).text
+    for d in ("a2b", "b2a"):
+        assert f"python -m turbo translate --model me/h2z --direction {d} --input input.png" in body
+        value = result.metrics[f"val/dino_struct_{d}"]
+        assert f"| dino_struct_{d} | {value:.4g} | lower |" in body
+    assert "Validation samples at step 1 (columns: input, output):" in body
+    assert "Trained with `python -m training.unpaired` for 1 step." in body
 
 
 def test_a_failed_final_push_is_reported_and_keeps_the_files(assets, tmp_path, monkeypatch, capsys, caplog):

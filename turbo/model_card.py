@@ -229,7 +229,8 @@ def _training(
     if figures is not None:
         trainer = figures.trainer or f"training.{ckpt.kind}"
         of = f" of {figures.max_steps}" if figures.max_steps and figures.max_steps != figures.step else ""
-        lines.append(f"Trained with `python -m {trainer}` for {figures.step} steps{of}.")
+        steps = f"{figures.step} step{'' if figures.step == 1 else 's'}"
+        lines.append(f"Trained with `python -m {trainer}` for {steps}{of}.")
         if figures.losses:
             lines += ["", f"Last losses (step {figures.losses_step}):", ""]
             lines += ["| loss | value |", "| --- | --- |"]
