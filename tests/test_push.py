@@ -253,6 +253,8 @@ def test_a_file_that_is_not_a_turbo_model_is_refused_before_any_request(
          "the Hub"),
         (ConnectionError("Name or service not known"), "upload to me/x failed: the Hub could not be reached "
          "(ConnectionError: Name or service not known)"),
+        (httpx2.ConnectError("[Errno -3] Temporary failure in name resolution"), "upload to me/x failed: the "
+         "Hub could not be reached (ConnectError: [Errno -3] Temporary failure in name resolution)"),
     ],
 )  # fmt: skip
 def test_upload_failures_are_one_line(models, monkeypatch, capsys, error, message):
@@ -281,6 +283,8 @@ def test_figures_come_from_the_last_logged_lines():
     f = figures_from_metrics(lines, max_steps=10)
     assert (f.step, f.max_steps, f.losses, f.losses_step) == (3, 10, {"lossG": 1.5}, 3)
     assert (f.metrics, f.metrics_step) == ({"fid_a2b": 50.0, "dino_struct_a2b": 0.1}, 2)
+    f = figures_from_metrics(lines, up_to=2)  # a checkpoint's: nothing logged after it
+    assert (f.step, f.losses, f.losses_step, f.metrics_step) == (2, {"lossG": 2.0}, 1, 2)
     assert figures_from_metrics([]) is None
 
 
@@ -354,6 +358,18 @@ def test_a_failed_push_leaves_training_running_and_the_next_push_uploads_the_lat
     assert f"--base {assets['base']}" in body  # the command line needs the same base
     # nothing left staged once the final push is up
     assert not any((run / STAGING).iterdir())
+    # a checkpoint pushed later by hand gets the figures and the grid of its own step
+    code, _, err = run_cli(["push", str(run / "checkpoints" / "step_00000002" / "model.safetensors"), "me/x"],
+                           capsys)  # fmt: skip
+    assert (code, err) == (0, "")
+    files2 = rec.commits[-1]["files"]
+    assert files2["validation.png"] == (run / "eval" / "step_00000002.png").read_bytes()
+    at_2 = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    val_2 = [line for line in at_2 if line["step"] == 2 and "val/l2" in line][-1]["val/l2"]
+    body2 = ModelCard(files2["README.md"].decode()).text
+    assert "Trained with `python -m training.paired` for 2 steps of 3." in body2
+    assert f"| l2 | {val_2:.4g} | lower |" in body2 and "Validation (step 2):" in body2
+    assert json.loads(files2["training_config.json"]) == config
     # read back as the Hub serves it: the same tensors as the local file
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     cache = hub_cache(tmp_path / "cache", "me/x", files)

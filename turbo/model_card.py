@@ -45,10 +45,13 @@ class TrainingFigures:
     trainer: str | None = None  # "training.paired" or "training.unpaired"
 
 
-def figures_from_metrics(lines: Iterable[str], max_steps: int | None = None) -> TrainingFigures | None:
+def figures_from_metrics(
+    lines: Iterable[str], max_steps: int | None = None, up_to: int | None = None
+) -> TrainingFigures | None:
     """The last losses and validation values of a metrics.jsonl (one JSON object per line, each with
-    "step"); None when it holds no step. Lines that do not parse are skipped (a run killed mid-write
-    leaves half a line); null values (a NaN loss) are left out."""
+    "step"), of steps up to `up_to` when given (a checkpoint's figures); None when it holds no step.
+    Lines that do not parse are skipped (a run killed mid-write leaves half a line); null values (a
+    NaN loss) are left out."""
     step, losses, losses_step, metrics, metrics_step = None, {}, None, {}, None
     for line in lines:
         try:
@@ -58,6 +61,8 @@ def figures_from_metrics(lines: Iterable[str], max_steps: int | None = None) -> 
         if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
             continue
         at = entry["step"]
+        if up_to is not None and at > up_to:
+            continue
         step = at if step is None else max(step, at)
         train = {k[6:]: v for k, v in entry.items() if k.startswith("train/") and k != "train/lr"}
         val = {k[4:]: v for k, v in entry.items() if k.startswith("val/")}

@@ -16,6 +16,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx2
 from huggingface_hub import CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 from huggingface_hub.utils import validate_repo_id
@@ -101,7 +102,7 @@ def read_run(run: str | Path, config: dict | None = None, step: int | None = Non
     metrics = run / METRICS_FILE
     if metrics.is_file():
         with open(metrics) as f:
-            figures = figures_from_metrics(f, max_steps)
+            figures = figures_from_metrics(f, max_steps, up_to=step)
     if figures is not None and step is not None:
         figures.step = step
     grids = sorted((run / "eval").glob("step_*.png"))
@@ -176,7 +177,9 @@ def upload(
         raise PushError(f"cannot push to {repo_id}: HF_HUB_OFFLINE is set; unset it to reach the Hub") from e
     except HfHubHTTPError as e:
         raise PushError(_http_message(e, repo_id)) from e
-    except (OSError, TimeoutError) as e:  # no connection, DNS, a read timeout
+    # huggingface_hub's client (httpx2) raises its own transport errors (no connection, DNS, a
+    # timeout) once its retries are spent; they are not OSErrors
+    except (httpx2.TransportError, OSError, TimeoutError) as e:
         raise PushError(f"upload to {repo_id} failed: the Hub could not be reached ({first_line(e)})") from e
     return str(getattr(info, "commit_url", "") or f"https://huggingface.co/{repo_id}")
 
@@ -213,9 +216,10 @@ def push_model(
     check_token()
     model = Path(model)
     ckpt = load_checkpoint(model)  # CheckpointError: not a turbo model, before anything is sent
-    if run is None and (model.parent / METRICS_FILE).is_file():
-        run = model.parent
-    files = read_run(run) if run is not None else None
+    step = checkpoint_step(model)
+    if run is None:
+        run = _run_of(model, step)
+    files = read_run(run, step=step) if run is not None else None
     with tempfile.TemporaryDirectory(prefix="turbo-push-") as tmp:
         source = model
         if not _is_turbo_file(model):  # an original .pkl: the Hub gets our format, with its metadata
@@ -224,6 +228,23 @@ def push_model(
         url = upload(folder, repo_id, private=private, message=message, api=api)
     logger.info("pushed %s to %s", model, repo_id)
     return url
+
+
+def checkpoint_step(model: Path) -> int | None:
+    """N for a training checkpoint's model (RUN/checkpoints/step_N/model.safetensors), else None."""
+    folder = model.resolve().parent
+    digits = folder.name.removeprefix("step_")
+    if folder.parent.name == "checkpoints" and folder.name.startswith("step_") and digits.isdigit():
+        return int(digits)
+    return None
+
+
+def _run_of(model: Path, step: int | None) -> Path | None:
+    """The training run a model file belongs to: its own folder (RUN/model.safetensors) or, for a
+    checkpoint's, the run above; None when that holds no metrics.jsonl."""
+    folder = model.resolve().parent
+    run = folder.parent.parent if step is not None else folder
+    return run if (run / METRICS_FILE).is_file() else None
 
 
 def _is_turbo_file(path: Path) -> bool:
