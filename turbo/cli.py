@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--run",
         type=Path,
         help="training run folder whose figures, last validation grid and options go into the card "
-        "(default: the model's folder when it holds metrics.jsonl)",
+        "(default: the run the model file is in, RUN/ or RUN/checkpoints/step_N/, if it has metrics.jsonl)",
     )
     p.add_argument("--license", default=DEFAULT_LICENSE, help="license id for the card (default: other)")
     p.add_argument(
