@@ -208,6 +208,21 @@ def test_a_malformed_repo_id_is_one_line_and_sends_nothing(models, monkeypatch, 
     assert rec.repos == rec.commits == []
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--dataset", "a/b/c"], "error: --dataset 'a/b/c' is not a Hub dataset id (owner/name)\n"),
+        (["--run", "no_such_run"], "error: --run no_such_run: no such training run folder\n"),
+    ],
+)
+def test_bad_push_options_are_one_line_and_send_nothing(models, monkeypatch, capsys, extra, message):
+    rec = Recorder(monkeypatch)
+    monkeypatch.chdir(models)
+    code, _, err = run_cli(["push", "paired.safetensors", "me/x", *extra], capsys)
+    assert (code, err) == (2, message)
+    assert rec.repos == rec.commits == []
+
+
 def test_without_a_token_nothing_is_sent(models, monkeypatch, capsys):
     rec = Recorder(monkeypatch)
     monkeypatch.delenv("HF_TOKEN")
