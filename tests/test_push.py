@@ -190,7 +190,9 @@ def test_an_original_pkl_is_pushed_converted_to_our_format(models, monkeypatch, 
     ours, original = load_checkpoint(pushed), load_checkpoint(models / "paired.pkl")
     assert flat(ours).keys() == flat(original).keys()
     assert all(torch.equal(flat(ours)[k], flat(original)[k]) for k in flat(ours))
-    assert card_data(commit["files"]["README.md"])["license"] == "other"
+    data = card_data(commit["files"]["README.md"])
+    assert (data["license"], data["license_name"]) == ("other", "sd-turbo-license")
+    assert data["license_link"] == "https://huggingface.co/stabilityai/sd-turbo"
 
 
 @pytest.mark.parametrize(

@@ -103,17 +103,22 @@ def card_metadata(
     base_on_hub: bool = True,
 ) -> ModelCardData:
     """The front matter. `base_model` only when the base is a Hub id (`base_on_hub` False: the model
-    was made on a local folder, which the Hub cannot link to)."""
+    was made on a local folder, which the Hub cannot link to). `license`: a Hub license id; "other"
+    (the default) names the base's license and links to the base's page."""
     tags = [LIBRARY_NAME, KIND_TAGS[ckpt.kind], "lora", PIPELINE_TAG]
     if ckpt.stochastic:
         tags.append("stochastic")
     base = ckpt.base_model if base_on_hub and is_hub_id(ckpt.base_model) else None
+    # "other" asks for a name and a link (the Hub's card spec): the base's license, on its page
+    other = license == "other" and base is not None
     return ModelCardData(
         base_model=base,
         base_model_relation="adapter" if base else None,
         pipeline_tag=PIPELINE_TAG,
         library_name=LIBRARY_NAME,
         license=license,
+        license_name=f"{base.split('/')[1].lower()}-license" if other else None,
+        license_link=f"https://huggingface.co/{base}" if other else None,
         tags=tags,
         datasets=list(datasets) if datasets else None,
     )
