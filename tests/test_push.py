@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import httpx2
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+from PIL import Image
 from reference import RefPaired
 from safetensors.torch import save_file
 from training_assets import (
@@ -38,6 +42,7 @@ from training.unpaired import train as train_unpaired
 from turbo.cli import main as cli_main
 from turbo.formats import load_checkpoint, save_checkpoint
 from turbo.model_card import figures_from_metrics, is_hub_id
+from turbo.pipeline import Pipeline
 from turbo.push import PushError, check_repo_id
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -237,6 +242,22 @@ def test_without_a_token_nothing_is_sent(models, monkeypatch, capsys):
     assert rec.repos == rec.commits == []
 
 
+def test_no_token_in_a_real_process_is_one_line(models, tmp_path):
+    env = {
+        "PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).parents[1]), "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),  # no saved login there
+    }  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "turbo", "push", str(models / "paired.safetensors"), "me/x"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120, env=env,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == (
+        "error: not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN to a token with "
+        "write access\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "message"),
     [
@@ -394,6 +415,13 @@ def test_a_failed_push_leaves_training_running_and_the_next_push_uploads_the_lat
     assert Path(path).parent == cache / "models--me--x" / "snapshots" / SHA
     pushed, local = flat(load_checkpoint(path)), flat(load_checkpoint(run / "model.safetensors"))
     assert pushed.keys() == local.keys() and all(torch.equal(pushed[k], local[k]) for k in local)
+    # and the same image
+    pipe = Pipeline(str(assets["base"]), device="cpu", max_models=2)
+    photo = Image.open(next((assets["data"] / "test_A").iterdir())).convert("RGB")
+    from_hub = pipe.translate(photo, path, "a shape").image
+    from_disk = pipe.translate(photo, run / "model.safetensors", "a shape").image
+    assert np.array_equal(np.asarray(from_hub), np.asarray(from_disk))
+    assert np.asarray(from_hub).std() > 0  # an image, not a blank
 
 
 def test_an_unpaired_run_pushes_both_directions_and_its_dino_figures(assets, tmp_path, monkeypatch):
