@@ -538,6 +538,29 @@ def test_a_push_waiting_behind_an_upload_is_replaced_by_a_newer_one(models, tmp_
     assert list((tmp_path / "run" / STAGING).iterdir()) == []
 
 
+def test_a_push_that_cannot_be_prepared_never_stops_training(models, tmp_path, monkeypatch, caplog):
+    import training.hub_push as hub_push
+
+    rec = Recorder(monkeypatch)
+    cfg = CommonConfig(str(tmp_path), str(tmp_path / "run"), max_steps=10, push_to_hub="me/x",
+                       push_every_checkpoint=True)  # fmt: skip
+    hub = HubPush(cfg, is_main=True)
+    ckpt, model = load_checkpoint(models / "paired.safetensors"), models / "paired.safetensors"
+    real_stage = hub_push.stage
+
+    def broken(*args):
+        raise KeyError("a bug in the card")
+
+    monkeypatch.setattr(hub_push, "stage", broken)
+    with caplog.at_level(logging.WARNING, logger=HUB_LOG):
+        hub.checkpoint(1, ckpt, model)  # returns: nothing raised into the training loop
+    [warning] = [r.getMessage() for r in caplog.records if r.name == HUB_LOG]
+    assert warning == "could not prepare the push of step 1 to me/x: 'a bug in the card'"
+    monkeypatch.setattr(hub_push, "stage", real_stage)
+    assert hub.finish(10, ckpt, model) is True
+    assert [c["commit_message"] for c in rec.commits] == ["Trained model, step 10"]
+
+
 def test_other_processes_never_push(tmp_path, monkeypatch):
     rec = Recorder(monkeypatch)
     cfg = CommonConfig(str(tmp_path), str(tmp_path / "run"), push_to_hub="me/x", push_every_checkpoint=True)

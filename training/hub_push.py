@@ -47,7 +47,6 @@ class HubPush:
         self.enabled = bool(self.repo_id) and is_main
         self.failed: str | None = None  # the last upload's error, None once one succeeds
         self.final_error: str | None = "not pushed"  # the final push's error; None once it is up
-        self.uploads = 0  # finished uploads, successful or not
         if not self.repo_id:
             return
         check_token()  # on every process: all of them stop alike, before the base loads
@@ -103,9 +102,11 @@ class HubPush:
             run = read_run(self.output, self.config, step)
             ds = [self.cfg.push_dataset] if self.cfg.push_dataset else None
             stage(folder, model, model_file, self.repo_id, run, self.cfg.push_license, ds)
-        except (OSError, PushError) as e:  # a full disk must not stop training either
-            logger.warning("could not prepare the push of step %d to %s: %s", step, self.repo_id, e)
-            self.failed = str(e)
+        except Exception as e:  # a full disk, or a bug in the card: neither may stop training
+            expected = isinstance(e, (OSError, PushError))
+            logger.warning("could not prepare the push of step %d to %s: %s", step, self.repo_id, e,
+                           exc_info=not expected)  # fmt: skip
+            self.failed = str(e) if expected else f"{type(e).__name__}: {e}"
             if final:
                 self.final_error = self.failed
             return
@@ -134,16 +135,16 @@ class HubPush:
                    api=self.api)  # fmt: skip
         except Exception as e:  # the thread's boundary: no failure, even a bug, may end the pushes
             self.failed = str(e) if isinstance(e, PushError) else f"{type(e).__name__}: {e}"
-            if request.final:
+            if request.final:  # `finish` reports it, with the command that retries it
                 self.final_error = self.failed
-            if not request.final:
+                if not isinstance(e, PushError):
+                    logger.warning("push of step %d failed", request.step, exc_info=True)
+            else:
                 logger.warning(
                     "push of step %d to %s failed (training goes on; the next push uploads the latest "
                     "state; this one's files are kept in %s): %s", request.step, self.repo_id,
                     request.folder, self.failed, exc_info=not isinstance(e, PushError),
                 )  # fmt: skip
-            elif not isinstance(e, PushError):
-                logger.warning("push of step %d failed", request.step, exc_info=True)
         else:
             self.failed = None
             if request.final:
@@ -155,5 +156,3 @@ class HubPush:
                 step = folder.name.rpartition("_")[2]
                 if folder.is_dir() and step.isdigit() and int(step) <= request.step:
                     shutil.rmtree(folder, ignore_errors=True)
-        finally:
-            self.uploads += 1
