@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import subprocess
 import sys
 import threading
@@ -41,7 +42,7 @@ from training.unpaired import UnpairedConfig
 from training.unpaired import train as train_unpaired
 from turbo.cli import main as cli_main
 from turbo.formats import load_checkpoint, save_checkpoint
-from turbo.model_card import figures_from_metrics, is_hub_id
+from turbo.model_card import build_model_card, figures_from_metrics, is_hub_id
 from turbo.pipeline import Pipeline
 from turbo.push import PushError, check_repo_id
 
@@ -309,6 +310,27 @@ def test_check_repo_id_and_is_hub_id_follow_huggingface_hub():
         assert check_repo_id(good) == good and is_hub_id(good)
     with pytest.raises(PushError, match="^--push-to-hub 'x' is not a Hub repo id"):
         check_repo_id("x", "--push-to-hub")
+
+
+def test_a_stochastic_models_card_gives_gamma_and_lines_a_shell_runs_as_written(models):
+    ckpt = load_checkpoint(models / "paired.safetensors")
+    ckpt.stochastic, ckpt.input, ckpt.base_model = True, "sketch", "/my models/sd-turbo"
+    ckpt.prompts["a2b"] = 'a "quoted" $HOME'
+    text = build_model_card(ckpt, "me/sketch")
+    data = ModelCard(text).data.to_dict()
+    assert data["tags"][-1] == "stochastic" and "base_model" not in data and "license_name" not in data
+    lines = ModelCard(text).text.splitlines()
+    assert "- Input: a sketch: dark strokes on a light background" in lines
+    [gamma] = [line for line in lines if line.startswith("- Stochastic: gamma in [0, 1]")]
+    assert gamma.endswith("for varied outputs; default 0.4")
+    cli = [line for line in lines if line.startswith("python -m turbo translate")]
+    assert cli == [
+        "python -m turbo translate --model me/sketch --input input.png --output output.png "
+        "--prompt 'a \"quoted\" $HOME' --gamma 0.4 --base '/my models/sd-turbo'"
+    ]
+    assert shlex.split(cli[0])[10:] == ["--prompt", 'a "quoted" $HOME', "--gamma", "0.4", "--base",
+                                        "/my models/sd-turbo"]  # fmt: skip
+    assert "TURBO_MODELS=me/sketch python app.py --base '/my models/sd-turbo'" in lines
 
 
 def test_figures_come_from_the_last_logged_lines():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -164,8 +165,9 @@ def _what(ckpt: TurboCheckpoint, base_on_hub: bool) -> str:
         lines.append(f"- Default prompt: `{prompt}`" if prompt else "- Default prompt: none (give one)")
         if ckpt.stochastic:
             lines.append(
-                f"- Stochastic: gamma in [0, 1] blends a noise map into the input (default "
-                f"{PIPELINE_DEFAULT_GAMMA}; 1 is deterministic), the seed picks the noise."
+                "- Stochastic: gamma in [0, 1] sets how closely the output follows the input: 1 is "
+                "deterministic, lower values blend in more of a noise map (the seed picks it) for varied "
+                f"outputs; default {PIPELINE_DEFAULT_GAMMA}"
             )
         else:
             lines.append("- Deterministic: no gamma")
@@ -193,14 +195,14 @@ _INPUT_TEXT = {
 
 
 def _usage(ckpt: TurboCheckpoint, repo_id: str) -> str:
-    base = f" --base {ckpt.base_model}" if ckpt.base_model != DEFAULT_BASE else ""
+    base = f" --base {shlex.quote(ckpt.base_model)}" if ckpt.base_model != DEFAULT_BASE else ""
     cli = []
     if ckpt.kind == "paired":
         prompt = ckpt.prompt_for("a2b") or "a description of the output"
         gamma = f" --gamma {PIPELINE_DEFAULT_GAMMA}" if ckpt.stochastic else ""
         cli.append(
             f"python -m turbo translate --model {repo_id} --input input.png --output output.png "
-            f'--prompt "{_quoted(prompt)}"{gamma}{base}'
+            f"--prompt {_shell(prompt)}{gamma}{base}"
         )
     else:
         for d in ckpt.directions:
@@ -208,7 +210,7 @@ def _usage(ckpt: TurboCheckpoint, repo_id: str) -> str:
                 f"python -m turbo translate --model {repo_id} --direction {d} --input input.png "
                 f"--output output.png{base}"
             )
-    app = f"TURBO_MODELS={repo_id} python app.py" + (f" --base {ckpt.base_model}" if base else "")
+    app = f"TURBO_MODELS={repo_id} python app.py{base}"
     return "\n".join(
         [
             "## How to use",
@@ -228,8 +230,12 @@ def _usage(ckpt: TurboCheckpoint, repo_id: str) -> str:
     )
 
 
-def _quoted(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"')
+def _shell(text: str) -> str:
+    """`text` as one shell word: in double quotes when nothing in it would be expanded there, else as
+    shlex quotes it."""
+    if not any(c in text for c in '"$`\\!'):
+        return f'"{text}"'
+    return shlex.quote(text)
 
 
 def _training(
