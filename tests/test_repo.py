@@ -25,7 +25,7 @@ LAYERS = [
     {"turbo.formats", "turbo.registry", "turbo.download"},
     {"turbo.base", "turbo.skip_vae", "turbo.conv_in", "turbo.lora", "turbo.generator"},
     {"turbo.fast", "turbo.bench"},
-    {"turbo.pipeline", "turbo.cli", "turbo.app", "turbo.__main__"},
+    {"turbo.pipeline", "turbo.cli", "turbo.app", "turbo.__main__", "turbo.push", "turbo.model_card"},
     {"training"},
 ]
 

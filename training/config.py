@@ -13,7 +13,9 @@ from typing import TypeVar
 
 from turbo.base import DEFAULT_BASE
 from turbo.errors import TurboError
+from turbo.model_card import DEFAULT_LICENSE
 from turbo.preprocess import EVAL_IMAGE_PREPS, IMAGE_PREPS
+from turbo.push import check_dataset_id, check_repo_id
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -72,6 +74,12 @@ class CommonConfig:
     log_every: int = 10
     report_to: str = "tensorboard"
     tracker_project: str = "turbo"
+    # the Hub (training.hub_push): owner/name to upload the model to at the end of the run
+    push_to_hub: str | None = None
+    push_every_checkpoint: bool = False
+    push_private: bool = False
+    push_license: str = DEFAULT_LICENSE
+    push_dataset: str | None = None
 
     def validate(self) -> None:
         """Raise ConfigError on the first bad value."""
@@ -100,11 +108,22 @@ class CommonConfig:
                 raise ConfigError(
                     f"--{f.replace('_', '-')} {getattr(self, f)!r} is not one of {', '.join(valid)}"
                 )
+        self._validate_push()
         if self.test_image_prep not in EVAL_IMAGE_PREPS:  # it is also the published model's preparation
             raise ConfigError(
                 f"--test-image-prep must be deterministic ({', '.join(EVAL_IMAGE_PREPS)}), "
                 f"got {self.test_image_prep!r}"
             )
+
+    def _validate_push(self) -> None:
+        """The Hub options' syntax, before anything loads (the token is checked by training.hub_push)."""
+        if self.push_to_hub is not None:
+            check_repo_id(self.push_to_hub, "--push-to-hub")
+        if self.push_dataset is not None:
+            check_dataset_id(self.push_dataset, "--push-dataset")
+        if (self.push_every_checkpoint or self.push_private) and not self.push_to_hub:
+            flag = "--push-every-checkpoint" if self.push_every_checkpoint else "--push-private"
+            raise ConfigError(f"{flag} needs --push-to-hub owner/name")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,6 +208,21 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument("--report-to", default=d.report_to, choices=REPORT_TO)
     g.add_argument("--tracker-project", default=d.tracker_project, help="wandb project")
+    g = parser.add_argument_group("the Hugging Face Hub (token: hf auth login, or HF_TOKEN)")
+    g.add_argument(
+        "--push-to-hub",
+        default=None,
+        metavar="OWNER/NAME",
+        help="upload the model, its card, the last validation grid and the options at the end",
+    )
+    g.add_argument(
+        "--push-every-checkpoint",
+        action="store_true",
+        help="also push at each checkpoint (uploads in the background)",
+    )
+    g.add_argument("--push-private", action="store_true", help="create the repo private")
+    g.add_argument("--push-license", default=d.push_license, help="license id in the card (default: other)")
+    g.add_argument("--push-dataset", default=None, help="Hub dataset id listed in the card")
 
 
 C = TypeVar("C", bound=CommonConfig)

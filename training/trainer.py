@@ -20,10 +20,12 @@ import torch
 from diffusers.optimization import get_scheduler
 
 from training.config import CommonConfig, ConfigError
+from training.hub_push import HubPush
 from training.runtime import Runtime
 from training.sampler import Position, ResumableBatchSampler, batches
 from training.state import (
     CHECKPOINTS,
+    MODEL_FILE,
     STATE_FILE,
     CheckpointWriter,
     ResumeError,
@@ -75,6 +77,7 @@ class Trainer:
         check_output(cfg)
         self.cfg = cfg
         self.rt = rt or Runtime(cfg)
+        self.hub = HubPush(cfg, self.rt.is_main)  # checks the Hub token before the base loads
         # Same seed everywhere while building, so every process starts from identical weights.
         self.rt.seed(cfg.seed, per_process=False)
 
@@ -230,7 +233,8 @@ class Trainer:
     def save(self, position: Position) -> None:
         """Write a training checkpoint (and, on rank 0, publish the model if cfg.publish_to)."""
         model = self.export() if self.rt.is_main else None
-        self.writer.save(self.step, model, self.state_dict(position))
+        folder = self.writer.save(self.step, model, self.state_dict(position))
+        self.hub.checkpoint(self.step, model, folder / MODEL_FILE)  # --push-every-checkpoint
         if self.rt.is_main and self.cfg.publish_to:
             save_checkpoint(model, Path(self.cfg.publish_to) / f"{self.name}.safetensors")
 
@@ -274,6 +278,7 @@ class Trainer:
         if rt.is_main:
             save_checkpoint(ckpt, Path(cfg.output) / "model.safetensors")
         rt.barrier()
+        self.hub.finish(self.step, ckpt, Path(cfg.output) / "model.safetensors")  # --push-to-hub
         return TrainResult(self.step, ckpt, last, first)
 
 

@@ -1,8 +1,9 @@
-"""`python -m turbo`: translate images, convert original checkpoints.
+"""`python -m turbo`: translate images, convert original checkpoints, push models to the Hub.
 
 python -m turbo translate --model edge_to_image --input bird.png --output out.png --prompt "a blue bird"
 python -m turbo translate --model day_to_night --input photos/ --output nights/
 python -m turbo convert model.pkl model.safetensors [--prompt ...] [--overwrite]
+python -m turbo push model.safetensors me/day2night [--private] [--message M]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from turbo.base import DEFAULT_BASE, DTYPES, BaseModelError, resolve_device
 from turbo.errors import TurboError
 from turbo.formats import CheckpointError, load_checkpoint, save_checkpoint
+from turbo.model_card import DEFAULT_LICENSE
 from turbo.pipeline import MAX_SEED, GammaError, Pipeline
 from turbo.preprocess import (
     EVAL_IMAGE_PREPS,
@@ -28,6 +30,7 @@ from turbo.preprocess import (
     load_image_limited,
     restore_size,
 )
+from turbo.push import push_model
 from turbo.registry import RELEASED
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
@@ -152,6 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--image-prep", choices=EVAL_IMAGE_PREPS, help="unpaired: image preparation")
     c.add_argument("--base-model", default=DEFAULT_BASE, help="base model id recorded in the file")
+
+    p = sub.add_parser("push", help="upload a model and its model card to the Hugging Face Hub")
+    p.add_argument("model", type=Path, help="a turbo .safetensors or original .pkl (uploaded converted)")
+    p.add_argument("repo", help="the Hub model repo, owner/name (created if it does not exist)")
+    p.add_argument(
+        "--private", action="store_true", help="create the repo private (an existing repo keeps its own)"
+    )
+    p.add_argument("--message", help="commit message (default: 'Upload model.safetensors with turbo')")
+    p.add_argument(
+        "--run",
+        type=Path,
+        help="training run folder whose figures, last validation grid and options go into the card "
+        "(default: the run the model file is in, RUN/ or RUN/checkpoints/step_N/, if it has metrics.jsonl)",
+    )
+    p.add_argument("--license", default=DEFAULT_LICENSE, help="license id for the card (default: other)")
+    p.add_argument(
+        "--dataset", action="append", default=[], help="Hub dataset id the model was trained on (repeatable)"
+    )
     return parser
 
 
@@ -409,13 +430,25 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def push(args: argparse.Namespace) -> int:
+    url = push_model(
+        args.model, args.repo, private=args.private, message=args.message, run=args.run,
+        license=args.license, datasets=args.dataset,
+    )  # fmt: skip
+    print(f"pushed {args.model} to {args.repo} ({url})")
+    return 0
+
+
+COMMANDS = {"translate": translate, "convert": convert, "push": push}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s: %(message)s"
     )
     try:
-        return translate(args) if args.command == "translate" else convert(args)
+        return COMMANDS[args.command](args)
     except TurboError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
