@@ -68,7 +68,10 @@ class DinoViTEmbeddings(ViTEmbeddings):
         side = math.sqrt(num_positions)
         # DINO's offset keeps floor(side * scale) at the wanted grid size despite float error.
         patch = self.patch_size
-        assert isinstance(patch, int), "DINO's patches are square"
+        if not isinstance(patch, int):
+            raise DinoStructureInputError(
+                f"DINO's position interpolation needs square patches, got {patch!r}"
+            )
         grid_h = height // patch + 0.1
         grid_w = width // patch + 0.1
         patch_pos = self.position_embeddings[:, 1:].reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)

@@ -247,7 +247,11 @@ class CLIPDiscriminator(nn.Module):
         self.diffaug = diffaug
         self.feature_layers = feature_layers
         image_size, patch_size = config.image_size, config.patch_size
-        assert isinstance(image_size, int) and isinstance(patch_size, int), "CLIP: square images, patches"
+        if not isinstance(image_size, int) or not isinstance(patch_size, int):
+            raise DiscriminatorError(
+                f"the CLIP tower must take square images in square patches (one number each), got "
+                f"image_size {image_size!r}, patch_size {patch_size!r}"
+            )
         self.image_size = image_size
         self.grid = image_size // patch_size
         self.backbone = backbone

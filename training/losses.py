@@ -97,8 +97,12 @@ class CLIPSimilarityLoss(nn.Module):
         self.tokenizer = tokenizer
         self.matched_pairs_only = matched_pairs_only
         vision = model.config.vision_config
-        assert isinstance(vision, CLIPVisionConfig) and isinstance(vision.image_size, int), "square images"
-        self.image_size = vision.image_size
+        image_size = vision.image_size if isinstance(vision, CLIPVisionConfig) else None
+        if not isinstance(image_size, int):
+            raise LossInputError(
+                f"the CLIP model must take square images (one image_size), got {image_size!r}"
+            )
+        self.image_size = image_size
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
