@@ -178,3 +178,17 @@ def test_saved_files_get_the_permissions_of_a_plain_write(originals, tmp_path):
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o644
     assert stat.S_IMODE(kept.stat().st_mode) == 0o640
     assert load_checkpoint(kept).kind == "paired"
+
+
+def test_the_checked_label_tuples_are_the_literal_types_values():
+    """One source: the tuples validate() checks against are read off the Literal types."""
+    from typing import get_args
+
+    from turbo.formats import DIRECTIONS, INPUTS, KINDS
+    from turbo.formats.checkpoint import Direction, Kind, Preprocess, is_direction
+    from turbo.preprocess import INPUT_KINDS
+
+    assert KINDS == get_args(Kind) == ("paired", "unpaired")
+    assert DIRECTIONS == get_args(Direction) == ("a2b", "b2a")
+    assert INPUTS == INPUT_KINDS == get_args(Preprocess) == ("canny", "sketch", "none", "unpaired")
+    assert [is_direction(d) for d in ("a2b", "b2a", "A2B", None)] == [True, True, False, False]

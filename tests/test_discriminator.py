@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from training_assets import make_tiny_clip
-from transformers import CLIPModel, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPModel, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
 
 from training.discriminator import CLIPDiscriminator, DiscriminatorError, diff_augment, load_vision_tower
 
@@ -169,6 +169,18 @@ def test_heads_state_dict_round_trip_and_bad_input():
         disc(torch.zeros(2, 1, 32, 32), for_real=True)
     with pytest.raises(DiscriminatorError):
         make_disc(loss_type="hinge")
+    with pytest.raises(DiscriminatorError, match="^no logits to take a loss of$"):
+        disc.loss_from_logits([], for_real=True)
+
+
+def test_a_tower_with_non_square_sizes_is_refused_by_name():
+    torch.manual_seed(0)
+    tower = CLIPVisionModelWithProjection(tiny_config())
+    tower.config.image_size = [224, 192]
+    with pytest.raises(
+        DiscriminatorError, match=r"square images .* got image_size \[224, 192\], patch_size 32$"
+    ):
+        CLIPDiscriminator(tower)
 
 
 def test_tower_loads_from_a_full_clip_checkpoint_without_a_wall_of_warnings(tmp_path):

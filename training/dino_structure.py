@@ -67,8 +67,13 @@ class DinoViTEmbeddings(ViTEmbeddings):
         dim = embeddings.shape[-1]
         side = math.sqrt(num_positions)
         # DINO's offset keeps floor(side * scale) at the wanted grid size despite float error.
-        grid_h = height // self.patch_size + 0.1
-        grid_w = width // self.patch_size + 0.1
+        patch = self.patch_size
+        if not isinstance(patch, int):
+            raise DinoStructureInputError(
+                f"DINO's position interpolation needs square patches, got {patch!r}"
+            )
+        grid_h = height // patch + 0.1
+        grid_w = width // patch + 0.1
         patch_pos = self.position_embeddings[:, 1:].reshape(1, int(side), int(side), dim).permute(0, 3, 1, 2)
         patch_pos = F.interpolate(patch_pos, scale_factor=(grid_h / side, grid_w / side), mode="bicubic")
         if patch_pos.shape[-2:] != (int(grid_h), int(grid_w)):
@@ -133,7 +138,11 @@ class DinoStructureDistance:
         if model is None:
             model = load_dino_vit(hub_id)
         self.device = torch.device(device)
-        self.model = use_dino_position_interpolation(model).to(self.device).eval().requires_grad_(False)
+        model = use_dino_position_interpolation(model)
+        # transformers wraps PreTrainedModel.to with functools.wraps, which mypy does not bind as a
+        # method (it takes the device for `self`); the call moves the model in place
+        model.to(self.device)  # type: ignore[arg-type]
+        self.model = model.eval().requires_grad_(False)
         self.preprocess = dino_preprocess()
 
     def keys(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -76,7 +77,11 @@ def load_vision_tower(model_id: str) -> CLIPVisionModelWithProjection:
     report = logging.getLogger("transformers.modeling_utils")
     report.addFilter(_hold_back_load_report)
     try:
-        tower, info = CLIPVisionModelWithProjection.from_pretrained(model_id, output_loading_info=True)
+        # transformers types the result as the model alone; output_loading_info adds the report
+        tower, info = cast(
+            tuple[CLIPVisionModelWithProjection, dict[str, list[str]]],
+            CLIPVisionModelWithProjection.from_pretrained(model_id, output_loading_info=True),
+        )
     finally:
         report.removeFilter(_hold_back_load_report)
     if info["missing_keys"]:
@@ -174,6 +179,8 @@ def diff_augment(
 class BlurPool(nn.Module):
     """Depthwise 4x4 binomial blur ([1, 3, 3, 1] outer product / 64) with zero padding 1, stride 1."""
 
+    kernel: torch.Tensor  # a buffer
+
     def __init__(self, channels: int) -> None:
         super().__init__()
         taps = torch.tensor([1.0, 3.0, 3.0, 1.0])
@@ -214,6 +221,10 @@ class CLIPDiscriminator(nn.Module):
     diffaug: apply DiffAugment before the backbone (the original always does).
     """
 
+    # buffers (registered in __init__)
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         backbone: CLIPVisionModelWithProjection,
@@ -235,8 +246,14 @@ class CLIPDiscriminator(nn.Module):
         self.real_target = LOSS_TARGETS[loss_type]
         self.diffaug = diffaug
         self.feature_layers = feature_layers
-        self.image_size = config.image_size
-        self.grid = config.image_size // config.patch_size
+        image_size, patch_size = config.image_size, config.patch_size
+        if not isinstance(image_size, int) or not isinstance(patch_size, int):
+            raise DiscriminatorError(
+                f"the CLIP tower must take square images in square patches (one number each), got "
+                f"image_size {image_size!r}, patch_size {patch_size!r}"
+            )
+        self.image_size = image_size
+        self.grid = image_size // patch_size
         self.backbone = backbone
         self.backbone.requires_grad_(False)
         self.backbone.eval()
@@ -329,12 +346,14 @@ class CLIPDiscriminator(nn.Module):
         if for_real is None:
             raise DiscriminatorError("say what the images are: for_real=True/False, or for_G=True")
         target = self.real_target if for_real else 0.0
-        total = 0
+        total: torch.Tensor | None = None
         for level in logits:
             loss = F.binary_cross_entropy_with_logits(level, torch.full_like(level, target), reduction="none")
             if loss.dim() > 2:
                 loss = loss.mean(dim=[1, 2]).reshape(-1, 1)
-            total = total + loss
+            total = loss if total is None else total + loss
+        if total is None:
+            raise DiscriminatorError("no logits to take a loss of")
         return total
 
     def forward(

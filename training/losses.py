@@ -13,7 +13,7 @@ import lpips
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel, CLIPTokenizer, PreTrainedTokenizerBase
+from transformers import CLIPModel, CLIPTokenizer, CLIPVisionConfig, PreTrainedTokenizerBase
 
 from turbo.errors import TurboError
 
@@ -80,6 +80,10 @@ class CLIPSimilarityLoss(nn.Module):
     averages only the diagonal (image i with caption i) instead.
     """
 
+    # buffers (registered in __init__)
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         model: CLIPModel,
@@ -92,7 +96,13 @@ class CLIPSimilarityLoss(nn.Module):
         self.model.eval()
         self.tokenizer = tokenizer
         self.matched_pairs_only = matched_pairs_only
-        self.image_size = model.config.vision_config.image_size
+        vision = model.config.vision_config
+        image_size = vision.image_size if isinstance(vision, CLIPVisionConfig) else None
+        if not isinstance(image_size, int):
+            raise LossInputError(
+                f"the CLIP model must take square images (one image_size), got {image_size!r}"
+            )
+        self.image_size = image_size
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 

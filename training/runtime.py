@@ -12,6 +12,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -21,6 +22,9 @@ from tqdm.auto import tqdm
 
 from training.config import CommonConfig, ConfigError
 from turbo.preprocess import to_pil
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter  # imported when asked for: it needs tensorboard
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +47,8 @@ class Runtime:
         if cfg.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        self._writer = None
-        self._wandb = None
+        self._writer: SummaryWriter | None = None
+        self._wandb: Any = None  # a wandb run (wandb ships no types)
         if self.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             self._open_tracker()

@@ -63,7 +63,9 @@ def step_dir_name(step: int) -> str:
 def rng_state() -> dict:
     """This process's RNG states (python, numpy, torch cpu, cuda) as tensors and numbers."""
     version, internal, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state = np.random.get_state()
+    assert isinstance(np_state, tuple), "the global MT19937's legacy state is a tuple"
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     state = {
         "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
         "numpy": {

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+# from their own packages rather than diffusers' top level, whose lazy imports show type checkers
+# placeholder classes
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from transformers import AutoTokenizer, CLIPTextModel, PreTrainedTokenizerBase
 
 from turbo.errors import TurboError
@@ -43,13 +47,13 @@ class OneStepSchedule:
     @classmethod
     def from_scheduler(cls, scheduler: DDPMScheduler, timestep: int | None = None) -> OneStepSchedule:
         config = scheduler.config
-        t = config.num_train_timesteps - 1 if timestep is None else timestep
+        t = config["num_train_timesteps"] - 1 if timestep is None else timestep
         return cls(
             timestep=t,
             alpha_prod=float(scheduler.alphas_cumprod[t]),
-            prediction_type=config.prediction_type,
-            clip_sample=bool(config.clip_sample),
-            clip_sample_range=float(config.clip_sample_range),
+            prediction_type=config["prediction_type"],
+            clip_sample=bool(config["clip_sample"]),
+            clip_sample_range=float(config["clip_sample_range"]),
         )
 
     def x0(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:

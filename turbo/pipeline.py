@@ -14,6 +14,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 from PIL import Image
@@ -23,6 +24,7 @@ from turbo.base import DEFAULT_BASE, load_base
 from turbo.errors import SettingError, TurboError
 from turbo.fast.path import FastOptions, FastPath, bf16_is_native
 from turbo.formats import TurboCheckpoint, file_version, load_checkpoint
+from turbo.formats.checkpoint import Direction, Kind, is_direction
 from turbo.generator import Generator
 from turbo.registry import RELEASED, UnknownModelError, checkpoint_path
 
@@ -47,13 +49,13 @@ class ModelInfo:
 
     key: str  # released name, or the resolved checkpoint path
     name: str  # what users see
-    kind: str  # paired | unpaired
+    kind: Kind
     stochastic: bool
-    directions: list[str]
-    input: str  # canny | sketch | none | unpaired
+    directions: list[Direction]
+    input: pp.Preprocess
     image_prep: str | None
-    prompts: dict[str, str] = field(default_factory=dict)
-    default_direction: str = "a2b"
+    prompts: dict[Direction, str] = field(default_factory=dict)
+    default_direction: Direction = "a2b"
     default_gamma: float | None = None
     example_prompt: str | None = None
     version: tuple[int, int] | None = None  # a checkpoint file's (size, mtime_ns) when it was read
@@ -65,26 +67,30 @@ class Translation:
     seconds: float
     condition: Image.Image | None  # what the model saw for edge/sketch inputs (for display)
     prompt: str
-    direction: str
+    direction: Direction
     gamma: float
 
 
 # Seeds the app and the CLI take: exact in the browser's numbers (doubles), the same in both.
 MAX_SEED = 2**32 - 1
 # What `preprocess` may override a paired model's input preparation with.
-PREPROCESS_CHOICES = ("canny", "sketch", "none")
+PREPROCESS_CHOICES: tuple[pp.Preprocess, ...] = ("canny", "sketch", "none")
 
 
 def _check_seed(seed: object) -> int:
     """`seed` as an int if it is a whole number in 0..MAX_SEED (not a bool, not a float); else SeedError."""
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed <= MAX_SEED:
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= int(seed) <= MAX_SEED:
         raise SeedError(f"seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
     return int(seed)
 
 
-def _check_preprocess(preprocess: object) -> str | None:
+def _is_preprocess_choice(value: object) -> TypeGuard[pp.Preprocess]:
+    return value in PREPROCESS_CHOICES
+
+
+def _check_preprocess(preprocess: object) -> pp.Preprocess | None:
     """`preprocess` if it is None (the model's own) or one of PREPROCESS_CHOICES; else SettingError."""
-    if preprocess is not None and preprocess not in PREPROCESS_CHOICES:
+    if preprocess is not None and not _is_preprocess_choice(preprocess):
         raise SettingError(
             f"preprocess must be one of {', '.join(PREPROCESS_CHOICES)} (or None), got {preprocess!r}"
         )
@@ -221,7 +227,7 @@ class Pipeline:
         return emb
 
     @staticmethod
-    def pick_prompt(info: ModelInfo, prompt: str | None, direction: str) -> str:
+    def pick_prompt(info: ModelInfo, prompt: str | None, direction: Direction) -> str:
         prompt = (prompt or "").strip() or info.prompts.get(direction)
         if not prompt:
             raise PromptError(f"model {info.name} needs a prompt (describe the image you want)")
@@ -239,10 +245,11 @@ class Pipeline:
         """PIL image -> model input (1, 3, H, W) (H, W multiples of 8) and the condition image shown
         to users (edges/sketch, or None). `preprocess` overrides a paired model's own preparation."""
         kind = info.input
-        if _check_preprocess(preprocess) is not None:
+        override = _check_preprocess(preprocess)
+        if override is not None:
             if info.kind != "paired":
                 raise SettingError("a preprocessing override applies to paired models only")
-            kind = preprocess
+            kind = override
         if kind == "unpaired":
             prepped = pp.build_transform(info.image_prep)(image) if info.image_prep else image
             return pp.to_model_input(pp.resize_to_multiple_of_8(prepped), "unpaired"), None
@@ -256,17 +263,17 @@ class Pipeline:
 
     def _settings(
         self, model: str | Path, prompt: str | None, direction: str | None, gamma: float | None
-    ) -> tuple[ModelInfo, str, str, float]:
+    ) -> tuple[ModelInfo, Direction, str, float]:
         """Load `model` and resolve (info, direction, prompt, gamma) with the model's defaults."""
         if gamma is not None and not 0.0 <= float(gamma) <= 1.0:
             raise GammaError(f"gamma must be in [0, 1], got {gamma}")
         info = self.load(model)
-        direction = direction or info.default_direction
-        if direction not in info.directions:
+        wanted = direction or info.default_direction
+        if not is_direction(wanted) or wanted not in info.directions:
             raise SettingError(
-                f"model {info.name} has no direction {direction} (it has {', '.join(info.directions)})"
+                f"model {info.name} has no direction {wanted} (it has {', '.join(info.directions)})"
             )
-        prompt = self.pick_prompt(info, prompt, direction)
+        prompt = self.pick_prompt(info, prompt, wanted)
         if gamma is None:
             gamma = info.default_gamma if info.default_gamma is not None else 1.0
         if not info.stochastic and gamma != 1.0:
@@ -274,10 +281,10 @@ class Pipeline:
                 f"model {info.name} translates deterministically: gamma applies to stochastic models "
                 "(trained with noise, e.g. sketch_to_image_stochastic) only"
             )
-        return info, direction, prompt, float(gamma)
+        return info, wanted, prompt, float(gamma)
 
     def _run(
-        self, x: torch.Tensor, emb: torch.Tensor, key: str, direction: str, gamma: float, seed: int
+        self, x: torch.Tensor, emb: torch.Tensor, key: str, direction: Direction, gamma: float, seed: int
     ) -> torch.Tensor:
         """Model inputs (B, 3, H, W) -> outputs in [-1, 1]; every image gets the same noise map."""
         dev = self.base.device
@@ -333,29 +340,31 @@ class Pipeline:
             raise SettingError(f"batch_size must be at least 1, got {batch_size}")
         # before the images and the model load: a wrong argument should not cost a download first
         seed, preprocess = _check_seed(seed), _check_preprocess(preprocess)
-        images = [
+        loaded = [
             im if isinstance(im, Image.Image) else pp.load_image(im, max_side=self.max_side) for im in images
         ]
         with self.lock:
             start = time.perf_counter()
-            info, direction, prompt, gamma = self._settings(model, prompt, direction, gamma)
-            prepared = [self.prepare(im, info, canny_low, canny_high, preprocess) for im in images]
+            info, wanted, prompt, gamma = self._settings(model, prompt, direction, gamma)
+            prepared = [self.prepare(im, info, canny_low, canny_high, preprocess) for im in loaded]
             emb = self.prompt_embedding(prompt)
             by_size: dict[tuple[int, ...], list[int]] = {}
             for i, (x, _) in enumerate(prepared):
                 by_size.setdefault(tuple(x.shape[2:]), []).append(i)
-            results: list[Image.Image | None] = [None] * len(images)
+            results: list[Image.Image | None] = [None] * len(loaded)
             for indices in by_size.values():
                 for first in range(0, len(indices), batch_size):
                     chunk = indices[first : first + batch_size]
                     x = torch.cat([prepared[i][0] for i in chunk])
-                    out = self._run(x, emb, info.key, direction, gamma, seed)
+                    out = self._run(x, emb, info.key, wanted, gamma, seed)
                     for row, i in zip(out, chunk, strict=True):
-                        results[i] = pp.restore_size(pp.to_pil(row), images[i].size)
-            seconds = (time.perf_counter() - start) / max(len(images), 1)
+                        results[i] = pp.restore_size(pp.to_pil(row), loaded[i].size)
+            seconds = (time.perf_counter() - start) / max(len(loaded), 1)
+            done = [result for result in results if result is not None]
+            assert len(done) == len(loaded), "every image belongs to one size group"
             return [
-                Translation(result, seconds, cond, prompt, direction, gamma)
-                for result, (_, cond) in zip(results, prepared, strict=True)
+                Translation(result, seconds, cond, prompt, wanted, gamma)
+                for result, (_, cond) in zip(done, prepared, strict=True)
             ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from typing import IO
+from typing import IO, Literal, get_args
 
 import cv2
 import numpy as np
@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 # decompression bomb), and the models work at about 512 px anyway.
 MAX_PIXELS = 8192 * 8192
 
-INPUT_KINDS = ("canny", "sketch", "none", "unpaired")
+# How an image becomes a model input (see `to_model_input`); a checkpoint records its own.
+Preprocess = Literal["canny", "sketch", "none", "unpaired"]
+INPUT_KINDS: tuple[Preprocess, ...] = get_args(Preprocess)
 
 IMAGE_PREPS = (
     "resized_crop_512",
@@ -188,7 +190,7 @@ def _downscaled_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
 def _downscale(image: Image.Image, max_side: int) -> Image.Image:
     size = _downscaled_size(image.size, max_side)
     logger.warning("downscaling a %dx%d image to %dx%d (max side %d)", *image.size, *size, max_side)
-    return image.resize(size, Image.LANCZOS)
+    return image.resize(size, Image.Resampling.LANCZOS)
 
 
 def check_canny_thresholds(low: float, high: float) -> None:
@@ -223,7 +225,7 @@ def invert(image: Image.Image) -> Image.Image:
     return ImageOps.invert(image.convert("RGB"))
 
 
-def to_model_input(image: Image.Image, kind: str) -> torch.Tensor:
+def to_model_input(image: Image.Image, kind: Preprocess) -> torch.Tensor:
     """An RGB image as a model input tensor, float32, shape (1, 3, H, W).
 
     kind:
@@ -253,14 +255,15 @@ def resize_to_multiple_of_8(image: Image.Image) -> Image.Image:
     width, height = image.size
     if width < 8 or height < 8:
         raise ImageError(f"image is too small: {width}x{height} pixels, each side must be at least 8")
-    return image.resize((width - width % 8, height - height % 8), Image.LANCZOS)
+    return image.resize((width - width % 8, height - height % 8), Image.Resampling.LANCZOS)
 
 
 def restore_size(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Resize an output back to size (width, height) with LANCZOS, if it differs."""
-    if image.size == tuple(size):
+    width, height = size
+    if image.size == (width, height):
         return image
-    return image.resize(tuple(size), Image.LANCZOS)
+    return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
 def build_transform(image_prep: str) -> Callable[[Image.Image], Image.Image]:

@@ -11,6 +11,8 @@ from turbo.errors import TurboError
 
 if TYPE_CHECKING:
     from turbo.formats import TurboCheckpoint
+    from turbo.formats.checkpoint import Direction, Kind
+    from turbo.preprocess import Preprocess
 
 BASE_URL = "https://www.cs.cmu.edu/~img2img-turbo/models/"
 
@@ -58,10 +60,10 @@ class ReleasedModel:
     name: str
     url: str
     filename: str
-    kind: str
+    kind: Kind
     stochastic: bool
-    preprocess: str
-    direction: str | None = None
+    preprocess: Preprocess
+    direction: Direction | None = None
     caption: str | None = None
     example_prompt: str | None = None
     image_prep: str | None = None
@@ -72,7 +74,7 @@ def _paired(name: str, filename: str, **fields) -> ReleasedModel:
     return ReleasedModel(name=name, url=BASE_URL + filename, filename=filename, kind="paired", **fields)
 
 
-def _unpaired(name: str, filename: str, direction: str, caption: str) -> ReleasedModel:
+def _unpaired(name: str, filename: str, direction: Direction, caption: str) -> ReleasedModel:
     return ReleasedModel(
         name=name,
         url=BASE_URL + filename,
@@ -153,5 +155,6 @@ def apply_released_conventions(ckpt: TurboCheckpoint, filename: str) -> bool:
         return False
     ckpt.input, ckpt.image_prep = released.preprocess, released.image_prep
     if released.caption:
+        assert released.direction is not None, "a caption belongs to an unpaired model's direction"
         ckpt.prompts[released.direction] = released.caption
     return True

@@ -7,7 +7,10 @@ through a 1x1 conv, to the input of the matching up block (Parmar et al. 2024, S
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL
+
+# from its own package rather than diffusers' top level, whose lazy imports show type checkers
+# placeholder classes
+from diffusers.models import AutoencoderKL
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -30,7 +33,10 @@ class SkipConvs(nn.Module):
     def base(self, i: int) -> nn.Conv2d:
         """The i-th conv itself, taken out of its LoRA wrapper when it has one."""
         conv = self[i]
-        return conv.get_base_layer() if hasattr(conv, "get_base_layer") else conv
+        get_base_layer = getattr(conv, "get_base_layer", None)
+        base = get_base_layer() if get_base_layer is not None else conv
+        assert isinstance(base, nn.Conv2d), "skip convs are 1x1 Conv2d, wrapped at most once by LoRA"
+        return base
 
 
 class SkipVAE(nn.Module):
@@ -40,10 +46,10 @@ class SkipVAE(nn.Module):
         super().__init__()
         self.encoder, self.decoder = vae.encoder, vae.decoder
         self.quant_conv, self.post_quant_conv = vae.quant_conv, vae.post_quant_conv
-        self.scaling_factor = float(vae.config.scaling_factor)
+        self.scaling_factor = float(vae.config["scaling_factor"])
         self.skips = nn.ModuleDict()
         self.gradient_checkpointing = False
-        boc = list(vae.config.block_out_channels)
+        boc = list(vae.config["block_out_channels"])
         n = len(boc)
         # Encoder down block i receives boc[i-1] channels (boc[0] for the first); the decoder uses
         # them deepest first. Decoder up block i receives reversed(boc)[i-1] (reversed(boc)[0] first).
@@ -55,10 +61,9 @@ class SkipVAE(nn.Module):
     def add_skips(self, name: str, init: float | None = 1e-5) -> SkipConvs:
         """New skip convs for adapter `name`, initialised to `init` (the original uses 1e-5)."""
         p = next(self.decoder.parameters())
-        self.skips[name] = SkipConvs(self.skip_in_channels, self.skip_out_channels, init).to(
-            p.device, p.dtype
-        )
-        return self.skips[name]
+        skips = SkipConvs(self.skip_in_channels, self.skip_out_channels, init).to(p.device, p.dtype)
+        self.skips[name] = skips
+        return skips
 
     def _run(self, block: nn.Module, *args):
         if self.gradient_checkpointing and torch.is_grad_enabled():

@@ -27,6 +27,11 @@ class SubpixelUpsample(nn.Module):
     (after a LoRA fold, for instance), in place, so compiled graphs stay valid.
     """
 
+    # buffers (registered in __init__)
+    weight: torch.Tensor
+    bias: torch.Tensor
+    taps: torch.Tensor
+
     @staticmethod
     def supports(conv: nn.Module) -> bool:
         """Whether `conv` is the 3x3, padding 1, stride 1, ungrouped conv this module can stand in for."""

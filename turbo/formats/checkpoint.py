@@ -6,16 +6,23 @@ import math
 from dataclasses import dataclass, field
 from numbers import Real
 from pathlib import Path
+from typing import Any, Literal, TypeGuard, TypeVar, get_args
 
 import torch
 
 from turbo.errors import TurboError
-from turbo.preprocess import EVAL_IMAGE_PREPS
+from turbo.preprocess import EVAL_IMAGE_PREPS, Preprocess
 
 FORMAT_VERSION = 1
-KINDS = ("paired", "unpaired")
-INPUTS = ("canny", "sketch", "none", "unpaired")
-DIRECTIONS = ("a2b", "b2a")
+# pix2pix-turbo (paired, prompted) or CycleGAN-Turbo (unpaired, both directions)
+Kind = Literal["paired", "unpaired"]
+Direction = Literal["a2b", "b2a"]
+KINDS: tuple[Kind, ...] = get_args(Kind)
+# the input preparation; the literal lives in turbo.preprocess, which checkpoints import from
+INPUTS: tuple[Preprocess, ...] = get_args(Preprocess)
+DIRECTIONS: tuple[Direction, ...] = get_args(Direction)
+
+_T = TypeVar("_T")
 
 
 class CheckpointError(TurboError):
@@ -32,51 +39,38 @@ class TurboCheckpoint:
     Paired models have the single direction "a2b".
     """
 
-    kind: str
+    kind: Kind
     stochastic: bool
     rank_unet: int
     alpha_unet: float
     rank_vae: int
     alpha_vae: float
     unet: dict[str, torch.Tensor]
-    vae: dict[str, dict[str, torch.Tensor]]
-    prompts: dict[str, str] = field(default_factory=dict)
-    input: str = "none"
+    vae: dict[Direction, dict[str, torch.Tensor]]
+    prompts: dict[Direction, str] = field(default_factory=dict)
+    input: Preprocess = "none"
     image_prep: str | None = None
     base_model: str = "stabilityai/sd-turbo"
     source: str = ""
 
     @property
-    def directions(self) -> list[str]:
+    def directions(self) -> list[Direction]:
         return list(self.vae)
 
-    def prompt_for(self, direction: str) -> str | None:
+    def prompt_for(self, direction: Direction) -> str | None:
         return self.prompts.get(direction) or None
 
     def validate(self) -> None:
         """Raise CheckpointError (naming `source`) unless every field is usable and the LoRA tensors
         have the ranks the checkpoint states (checked before any layer is built from them)."""
         where = self.source or "checkpoint"
-        if self.kind not in KINDS:
-            raise CheckpointError(f"{where}: kind must be one of {KINDS}, got {self.kind!r}")
-        if self.input not in INPUTS:
-            raise CheckpointError(f"{where}: input must be one of {INPUTS}, got {self.input!r}")
-        if self.image_prep is not None and self.image_prep not in EVAL_IMAGE_PREPS:
-            raise CheckpointError(
-                f"{where}: image_prep must be one of {', '.join(EVAL_IMAGE_PREPS)} (deterministic), "
-                f"got {self.image_prep!r}"
-            )
-        if not self.vae or any(d not in DIRECTIONS for d in self.vae):
-            raise CheckpointError(f"{where}: VAE directions must be among {DIRECTIONS}, got {list(self.vae)}")
+        checked_kind(self.kind, where)
+        checked_input(self.input, where)
+        check_image_prep(self.image_prep, where)
+        checked_directions(self.vae, where)
         if not isinstance(self.stochastic, bool):
             raise CheckpointError(f"{where}: stochastic must be true or false, got {shown(self.stochastic)}")
-        if not isinstance(self.prompts, dict) or not all(
-            k in DIRECTIONS and isinstance(v, str) for k, v in self.prompts.items()
-        ):
-            raise CheckpointError(
-                f"{where}: prompts must map directions ({', '.join(DIRECTIONS)}) to prompt texts, "
-                f"got {shown(self.prompts)}"
-            )
+        checked_prompts(self.prompts, where)
         for name in ("rank_unet", "rank_vae"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -99,6 +93,64 @@ class TurboCheckpoint:
             if not any(k.startswith("decoder.skip_conv_") and ".lora_" not in k for k in sd):
                 raise CheckpointError(f"{where}: direction {d} has no skip-conv weights")
             _check_ranks(sd, self.rank_vae, "rank_vae", f"VAE {d}", where)
+
+
+# What a reader of untrusted metadata narrows its strings with, before it builds a TurboCheckpoint
+# (validate() checks a built one the same way, in the same order, with the same messages).
+
+
+def is_kind(value: object) -> TypeGuard[Kind]:
+    return value in KINDS
+
+
+def is_input(value: object) -> TypeGuard[Preprocess]:
+    return value in INPUTS
+
+
+def is_direction(value: object) -> TypeGuard[Direction]:
+    return value in DIRECTIONS
+
+
+def _known_directions(vae: dict[Any, _T]) -> TypeGuard[dict[Direction, _T]]:
+    return bool(vae) and all(is_direction(d) for d in vae)
+
+
+def checked_kind(value: object, where: str) -> Kind:
+    if not is_kind(value):
+        raise CheckpointError(f"{where}: kind must be one of {KINDS}, got {value!r}")
+    return value
+
+
+def checked_input(value: object, where: str) -> Preprocess:
+    if not is_input(value):
+        raise CheckpointError(f"{where}: input must be one of {INPUTS}, got {value!r}")
+    return value
+
+
+def check_image_prep(value: object, where: str) -> None:
+    if value is not None and value not in EVAL_IMAGE_PREPS:
+        raise CheckpointError(
+            f"{where}: image_prep must be one of {', '.join(EVAL_IMAGE_PREPS)} (deterministic), got {value!r}"
+        )
+
+
+def checked_directions(vae: dict[Any, _T], where: str) -> dict[Direction, _T]:
+    """`vae` (direction -> state dict) if it has at least one direction and only known ones."""
+    if not _known_directions(vae):
+        raise CheckpointError(f"{where}: VAE directions must be among {DIRECTIONS}, got {list(vae)}")
+    return vae
+
+
+def checked_prompts(prompts: object, where: str) -> dict[Direction, str]:
+    """`prompts` if it maps known directions to texts."""
+    if not isinstance(prompts, dict) or not all(
+        k in DIRECTIONS and isinstance(v, str) for k, v in prompts.items()
+    ):
+        raise CheckpointError(
+            f"{where}: prompts must map directions ({', '.join(DIRECTIONS)}) to prompt texts, "
+            f"got {shown(prompts)}"
+        )
+    return prompts
 
 
 def shown(value: object, limit: int = 60) -> str:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from turbo.errors import first_line
-from turbo.formats.checkpoint import CheckpointError, TurboCheckpoint, is_torch_save
+from turbo.formats.checkpoint import CheckpointError, Direction, TurboCheckpoint, is_torch_save
 
 PEFT_DEFAULT_ALPHA = 8  # LoraConfig's default lora_alpha, which the paired models were trained with
 PAIRED_KEYS = {"rank_unet", "rank_vae", "state_dict_unet", "state_dict_vae"}
@@ -87,10 +87,11 @@ def _unpaired(sd: dict, path: Path) -> TurboCheckpoint:
             unet[_strip_adapter(k)] = v
     # Both state dicts hold the same modules; the original loads enc then dec, so dec wins.
     whole = {**sd["sd_vae_enc"], **sd["sd_vae_dec"]}
-    vae: dict[str, dict[str, torch.Tensor]] = {"a2b": {}, "b2a": {}}
+    vae: dict[Direction, dict[str, torch.Tensor]] = {"a2b": {}, "b2a": {}}
+    directions: dict[str, Direction] = {"vae": "a2b", "vae_b2a": "b2a"}
     for k, v in whole.items():
         prefix, _, rest = k.partition(".")
-        direction = {"vae": "a2b", "vae_b2a": "b2a"}.get(prefix)
+        direction = directions.get(prefix)
         if direction is None:
             raise CheckpointError(f"{path}: unexpected VAE key {k!r} in an unpaired checkpoint")
         if ".lora_" in rest or "skip_conv" in rest:

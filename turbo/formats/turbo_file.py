@@ -22,10 +22,21 @@ import stat
 import tempfile
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from turbo.formats.checkpoint import FORMAT_VERSION, CheckpointError, TurboCheckpoint, shown
+from turbo.formats.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    TurboCheckpoint,
+    check_image_prep,
+    checked_directions,
+    checked_input,
+    checked_kind,
+    checked_prompts,
+    shown,
+)
 
 
 def _file_mode(path: Path) -> int:
@@ -133,7 +144,8 @@ def load_safetensors(path: Path) -> TurboCheckpoint:
         raise CheckpointError(
             f"{path}: metadata stochastic must be 'true' or 'false', got {shown(meta['stochastic'])}"
         )
-    unet, vae = {}, {}
+    unet: dict[str, torch.Tensor] = {}
+    vae: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         head, _, rest = k.partition(".")
         if head == "unet":
@@ -143,20 +155,28 @@ def load_safetensors(path: Path) -> TurboCheckpoint:
             vae.setdefault(d, {})[rest] = v
         else:
             raise CheckpointError(f"{path}: unexpected tensor {k!r}")
+    rank_unet, alpha_unet = _meta_int(meta, "rank_unet", path), _meta_float(meta, "alpha_unet", path)
+    rank_vae, alpha_vae = _meta_int(meta, "rank_vae", path), _meta_float(meta, "alpha_vae", path)
+    prompts = _meta_prompts(meta, path)
+    image_prep = meta.get("image_prep") or None
+    # the labels are narrowed here in validate()'s order, so the first problem found is the same
+    where = str(path)
+    kind, preprocess = checked_kind(meta["kind"], where), checked_input(meta.get("input", "none"), where)
+    check_image_prep(image_prep, where)
     ckpt = TurboCheckpoint(
-        kind=meta["kind"],
+        kind=kind,
         stochastic=meta["stochastic"] == "true",
-        rank_unet=_meta_int(meta, "rank_unet", path),
-        alpha_unet=_meta_float(meta, "alpha_unet", path),
-        rank_vae=_meta_int(meta, "rank_vae", path),
-        alpha_vae=_meta_float(meta, "alpha_vae", path),
+        rank_unet=rank_unet,
+        alpha_unet=alpha_unet,
+        rank_vae=rank_vae,
+        alpha_vae=alpha_vae,
         unet=unet,
-        vae=vae,
-        prompts=_meta_prompts(meta, path),
-        input=meta.get("input", "none"),
-        image_prep=meta.get("image_prep") or None,
+        vae=checked_directions(vae, where),
+        prompts=checked_prompts(prompts, where),
+        input=preprocess,
+        image_prep=image_prep,
         base_model=meta.get("base_model", "stabilityai/sd-turbo"),
-        source=str(path),
+        source=where,
     )
     ckpt.validate()
     return ckpt
