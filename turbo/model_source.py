@@ -166,7 +166,7 @@ def _parse_hub(text: str) -> HubModel:
 
 
 # ---- getting the file ----
-_fetched: dict[HubModel, Path] = {}
+_fetched: dict[tuple[str | None, HubModel], Path] = {}  # (HF_HUB_CACHE, id) -> file
 _fetched_lock = threading.Lock()
 
 
@@ -184,13 +184,14 @@ def model_file(
         return source.path
     if source.kind == "released":
         return checkpoint_path(source.text, cache_dir, progress=progress)
+    memo = (hub_cache_dir(), source.hub)
     with _fetched_lock:
-        known = _fetched.get(source.hub)
+        known = _fetched.get(memo)
     if known is not None and known.is_file():
         return known
     path = hub_file(source.hub)
     with _fetched_lock:
-        _fetched[source.hub] = path
+        _fetched[memo] = path
     return path
 
 

@@ -22,7 +22,7 @@ from turbo import preprocess as pp
 from turbo.base import DEFAULT_BASE, load_base
 from turbo.errors import SettingError, TurboError
 from turbo.fast.path import FastOptions, FastPath, bf16_is_native
-from turbo.formats import TurboCheckpoint, file_version, load_checkpoint
+from turbo.formats import CheckpointError, TurboCheckpoint, file_version, load_checkpoint
 from turbo.generator import Generator
 from turbo.model_source import ModelSource, model_file, parse_model
 from turbo.registry import RELEASED
@@ -121,6 +121,18 @@ def _info_for(source: ModelSource, ckpt: TurboCheckpoint, version: tuple[int, in
     )  # fmt: skip
 
 
+def _read(source: ModelSource, path: Path) -> TurboCheckpoint:
+    """The checkpoint at `path`; a Hub model's messages name its id, not its place in the Hub cache."""
+    if source.hub is None:
+        return load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace(str(path), f"{source.hub} ({path.name})")) from e
+    ckpt.source = str(source.hub)
+    return ckpt
+
+
 class Pipeline:
     """A base model with a bounded, least-recently-used cache of loaded models.
 
@@ -196,7 +208,7 @@ class Pipeline:
             if info is not None and info.version == version:
                 self.models.move_to_end(key)
                 return info
-            ckpt = load_checkpoint(path)
+            ckpt = _read(source, path)
             # Everything that can fail is done before the generator takes the model, so a failed load
             # leaves nothing behind (a retry would otherwise find the name taken).
             info = _info_for(source, ckpt, version)
