@@ -158,7 +158,7 @@ def hub_models(args: argparse.Namespace) -> list[str]:
                 f"--hub-models / TURBO_MODELS entry {item!r} is a {source.kind} model, not a Hub id ({FORMS})"
             )
         ids.append(str(source.hub))
-    if args.model:
+    if args.model and "/" in args.model:  # else a label of the list (a released name, a folder file)
         source = parse_model(args.model)
         if source.kind == "hub":
             ids.append(str(source.hub))
@@ -182,13 +182,11 @@ def create_app(args: argparse.Namespace) -> TurboApp:
 
 
 def _first_model(args: argparse.Namespace, app: TurboApp) -> str:
-    """The model selected at start: --model (a Hub id as listed), else the sketch model."""
-    if args.model and args.model not in app.labels:
-        try:
-            source = parse_model(args.model)
-        except TurboError:
-            source = None
-        if source is not None and source.kind == "hub" and str(source.hub) in app.labels:
+    """The model selected at start: --model (a label of the list, or a Hub id as listed), else the
+    sketch model."""
+    if args.model and args.model not in app.labels and "/" in args.model:
+        source = parse_model(args.model)  # checked by create_app already
+        if source.kind == "hub" and str(source.hub) in app.labels:
             return str(source.hub)
     return args.model if args.model in app.labels else "sketch_to_image_stochastic"
 
