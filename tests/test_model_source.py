@@ -268,6 +268,10 @@ def test_hub_errors_online(online, tmp_path, monkeypatch):
             model_file(text)
         assert message in str(info.value), (text, str(info.value))
         assert "\n" not in str(info.value)
+    # a bug is not passed off as a Hub problem: it keeps its traceback
+    answers.update(list=["m.safetensors"], download=TypeError("a bug"))
+    with pytest.raises(TypeError, match="a bug"):
+        model_file("me/x")
     # with a token, a private repo's message says so instead; a gated one, that the token lacks access
     monkeypatch.setattr(model_source.hh, "get_token", lambda: "hf_x")
     answers.update(list=errors.RepositoryNotFoundError("401", response=_response(401)))

@@ -16,6 +16,7 @@ with `HF_HUB_OFFLINE` (or `TURBO_OFFLINE`) set only the cache is read, and no re
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import re
@@ -166,6 +167,21 @@ def _parse_hub(text: str) -> HubModel:
 
 
 # ---- getting the file ----
+def _hub_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub raises for a repo, a file or the network: its HTTP errors and missing
+    entries are OSErrors (or EntryNotFoundError), a bad id is HFValidationError; a connection may fail
+    with its HTTP client's own error (httpx2 in huggingface_hub 2, httpx before)."""
+    found: list[type[BaseException]] = [OSError, errors.EntryNotFoundError, errors.HFValidationError]
+    for client in ("httpx2", "httpx"):
+        try:
+            found.append(importlib.import_module(client).HTTPError)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+HUB_ERRORS = _hub_errors()
+
 _fetched: dict[tuple[str | None, HubModel], Path] = {}  # (HF_HUB_CACHE, id) -> file
 _fetched_lock = threading.Lock()
 
@@ -218,7 +234,7 @@ def hub_file(hub: HubModel) -> Path:
             cache_dir=hub_cache_dir(),
             local_files_only=_offline() is not None,
         )
-    except Exception as e:  # the Hub's errors, said in one line with what to do
+    except HUB_ERRORS as e:  # said in one line with what to do; anything else is a bug
         raise _hub_error(hub, e, filename) from e
     logger.info("%s is %s", hub, path)
     return Path(path)
@@ -251,7 +267,7 @@ def repo_files(hub: HubModel) -> list[str]:
             return hh.HfApi().list_repo_files(hub.repo_id, revision=hub.revision)
         except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as e:
             raise _hub_error(hub, e) from e
-        except Exception as e:  # no connection, the Hub down: perhaps it is cached
+        except HUB_ERRORS as e:  # no connection, the Hub down: perhaps it is cached
             logger.warning("cannot list %s on the Hub (%s); looking in the cache", hub, first_line(e))
     try:
         folder = hh.snapshot_download(
@@ -261,7 +277,7 @@ def repo_files(hub: HubModel) -> list[str]:
             local_files_only=True,
             allow_patterns=[f"*{s}" for s in CHECKPOINT_SUFFIXES],
         )
-    except Exception as e:
+    except HUB_ERRORS as e:
         raise _hub_error(hub, e) from e
     return sorted(p.name for p in Path(folder).iterdir() if p.is_file())
 
