@@ -621,3 +621,24 @@ def test_hub_models_flag_and_environment_are_checked_before_the_base_loads(tmp_p
         assert app_module.main(["--base", missing, "--device", "cpu", "--hub-models", flag]) == 2
         err = capsys.readouterr().err
         assert err.startswith(message) and "missing_base" not in err, err
+
+
+def test_app_model_flag_takes_a_hub_id(tiny_base_dir, models_dir, hub_cache):
+    from turbo.app import page as app_module
+
+    args = app_module.build_parser().parse_args(
+        [
+            "--base",
+            str(tiny_base_dir),
+            "--models-dir",
+            str(models_dir),
+            "--device",
+            "cpu",
+            "--model",
+            "me/sketch",
+        ]
+    )
+    app = app_module.create_app(args)
+    assert app.choice("me/sketch").pending and app_module._first_model(args, app) == "me/sketch"
+    args.model = "edges.safetensors"  # a label of the list stays a label
+    assert app_module.hub_models(args) == [] and app_module._first_model(args, app) == "edges.safetensors"
