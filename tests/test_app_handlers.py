@@ -562,14 +562,14 @@ def test_add_from_hub_loads_a_model_or_says_why_not(app, tiny_base_dir, hub_cach
     from turbo.formats import save_checkpoint
     from turbo.generator import Generator
 
-    update, status = app.add_from_hub(" me/edges ", "sketch.safetensors")
+    update, status = app.add_from_hub(" me/edges ")
     assert update["value"] == "me/edges" and "me/edges" in update["choices"]
     assert (
         status
         == "Added `me/edges` from the Hub: paired (pix2pix-turbo), translates Canny edges of your image."
     )
     assert "me/edges" in app.pipeline.models  # loaded onto the running base at once
-    update, status = app.add_from_hub("me/cycle", None)
+    update, status = app.add_from_hub("me/cycle")
     assert update["value"] == "me/cycle" and "`me/cycle`, `me/cycle (b2a)`" in status
     # made for another base
     wide = make_tiny_base_cached(tmp_path / "wide")
@@ -591,7 +591,7 @@ def test_add_from_hub_loads_a_model_or_says_why_not(app, tiny_base_dir, hub_cach
     }
     for text, message in cases.items():
         before = list(app.labels)
-        update, status = app.add_from_hub(text, "sketch.safetensors")
+        update, status = app.add_from_hub(text)
         assert update == {"__type__": "update"} and message in status, (text, status)
         assert app.labels == before and text not in app.pipeline.models
     assert len(app.warnings) == len(cases)

@@ -261,7 +261,7 @@ def test_hub_models_from_turbo_models_and_the_add_box_through_the_client(hub_ser
     )
     assert "me/absent is not in the Hugging Face cache" in status
     # the add box: checked, loaded, selected; a translation with it
-    model, status = client.predict("me/cycle", "me/sketch", api_name="/add_from_hub")
+    model, status = client.predict("me/cycle", api_name="/add_from_hub")
     assert value(model) == "me/cycle" and "Added `me/cycle`, `me/cycle (b2a)` from the Hub" in status
     pic = tmp_path / "pic.png"
     photo().save(pic)
@@ -270,7 +270,7 @@ def test_hub_models_from_turbo_models_and_the_add_box_through_the_client(hub_ser
         api_name="/translate_upload",
     )  # fmt: skip
     assert "Done in" in status and Image.open(out).size == (64, 48)
-    _, status = client.predict("me/docs", "me/cycle", api_name="/add_from_hub")
+    _, status = client.predict("me/docs", api_name="/add_from_hub")
     assert "not added: me/docs holds no turbo checkpoint" in status
 
 
@@ -292,7 +292,7 @@ def test_a_hub_download_never_holds_up_translations(hub_server, tmp_path, monkey
     monkeypatch.setattr(model_source, "hub_file", slow)
     png = tmp_path / "sketch.png"
     sketch_image().save(png)
-    pending = client.submit("me/edges", "local.safetensors", api_name="/add_from_hub")
+    pending = client.submit("me/edges", api_name="/add_from_hub")
     assert started.wait(30)
     try:
         other = Client(client.src, verbose=False)  # another user

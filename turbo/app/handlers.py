@@ -208,7 +208,7 @@ def hub_choices(hub_id: str, info: ModelInfo) -> list[Choice]:
             input=info.input,
             prompt=info.prompts.get(d) or None,
             hub=True,
-        )  # fmt: skip
+        )
         for d in ordered
     ]
 
@@ -366,7 +366,7 @@ class TurboApp:
             self.rescan()
             return choices
 
-    def add_from_hub(self, text: str | None, label: str | None = None) -> tuple[dict, str]:
+    def add_from_hub(self, text: str | None) -> tuple[dict, str]:
         """Handler of *Add from the Hub*: check the id, download, load onto the running base, select
         it. Returns (dropdown update, status text); a refusal says why and changes nothing."""
         text = (text or "").strip()

@@ -323,8 +323,8 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
         # a download runs beside the translations (its own queue); only loading the model onto the
         # base waits for the translation under way
         hub = dict(concurrency_id="hub", concurrency_limit=2)
-        hub_add.click(app.add_from_hub, [hub_id, model], [model, hub_status], api_name="add_from_hub", **hub)
-        hub_id.submit(app.add_from_hub, [hub_id, model], [model, hub_status], api_name=False, **hub)
+        hub_add.click(app.add_from_hub, [hub_id], [model, hub_status], api_name="add_from_hub", **hub)
+        hub_id.submit(app.add_from_hub, [hub_id], [model, hub_status], api_name=False, **hub)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     return demo
 
