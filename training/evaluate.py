@@ -1,6 +1,6 @@
 """Evaluating unpaired translation: FID and DINO-ViT structure distance on a dataset's test split.
 
-    python -m training.evaluate --model FILE_OR_NAME --dataset DIR --direction a2b|b2a [--output DIR]
+    python -m training.evaluate --model FILE_NAME_OR_HUB_ID --dataset DIR --direction a2b|b2a [--output DIR]
 
 What is measured, as the original img2img-turbo's training validation does it:
 

@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def hub_list(text: str) -> list[str]:
-    """A comma-separated list of Hub ids (blanks ignored), each written as `HubModel` writes it."""
+    """A comma-separated list of Hub ids, blanks dropped (checked later, by `hub_models`)."""
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
