@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -385,7 +384,13 @@ def test_app_exits_with_a_clear_message_when_the_base_is_missing_and_uses_spaces
 
     fake = tmp_path / "fake" / "spaces.py"
     fake.parent.mkdir()
-    fake.write_text("def GPU(fn):\n    print('spaces.GPU wraps', fn.__name__)\n    return fn\n")
+    fake.write_text(  # spaces.GPU(duration=...) as the real package takes it
+        "def GPU(task=None, *, duration=None):\n"
+        "    def wrap(fn):\n"
+        "        print('spaces.GPU wraps', fn.__name__, 'for', duration, 's')\n"
+        "        return fn\n"
+        "    return wrap if task is None else wrap(task)\n"
+    )
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -397,9 +402,8 @@ def test_app_exits_with_a_clear_message_when_the_base_is_missing_and_uses_spaces
     assert out.returncode == 2, out.stderr[-2000:]
     assert "Run once with network access" in out.stderr and "--base" in out.stderr
     assert "Traceback" not in out.stderr
-    assert "spaces.GPU wraps gpu_translate" in out.stdout
-    if importlib.util.find_spec("spaces") is None:
-        assert GPU(len) is len  # no-op here
+    assert "spaces.GPU wraps gpu_translate for 30 s" in out.stdout
+    assert GPU(len) is len  # off ZeroGPU a no-op, whether `spaces` (requirements.txt) is installed or not
     assert app_module.main(["--base", str(tmp_path / "missing")]) == 2  # a folder that is not there
 
 
@@ -491,3 +495,151 @@ def test_a_device_that_cannot_run_the_models_is_refused_before_loading(tmp_path,
     assert app_module.main(["--base", str(tmp_path / "no_base"), "--device", "meta"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: device 'meta' cannot run") and len(err.strip().splitlines()) == 1
+
+
+# ---- Hugging Face Hub models (a cache laid out as huggingface_hub's, offline) ----
+
+
+def hub_models_cache(root: Path, base_dir: str) -> Path:
+    """me/sketch, me/cycle, me/edges: the checkpoint_files models; me/docs: no checkpoint;
+    me/notturbo: a safetensors file that is not a turbo model."""
+    from hub_cache import add_to_hub_cache
+    from safetensors.torch import save_file
+
+    files = checkpoint_files(base_dir)
+    add_to_hub_cache(root, "me/sketch", {"sketch.safetensors": files["sketch"], "README.md": b"# card"})
+    add_to_hub_cache(root, "me/cycle", {"cycle.safetensors": files["unpaired"]}, ("main", "v1"))
+    add_to_hub_cache(root, "me/edges", {"edges.safetensors": files["edges"]})
+    add_to_hub_cache(root, "me/docs", {"README.md": b"# nothing here"})
+    plain = root.parent / "lora.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    add_to_hub_cache(root, "me/notturbo", {"pytorch_lora_weights.safetensors": plain})
+    return root
+
+
+@pytest.fixture()
+def hub_cache(tiny_base_dir, tmp_path, monkeypatch):
+    root = hub_models_cache(tmp_path / "hub", str(tiny_base_dir))
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return root
+
+
+def test_hub_models_are_listed_at_start_and_load_on_first_use(tiny_base_dir, models_dir, hub_cache):
+    from turbo.app.handlers import Choice
+
+    app = TurboApp(
+        (str(tiny_base_dir), "cpu", None), ModelsFolder(models_dir, 0.3), max_side=96, warn=lambda t: None,
+        hub_models=["me/sketch", "me/cycle@v1", "me/absent"],
+    )  # fmt: skip
+    assert {"me/sketch", "me/cycle@v1", "me/absent"} <= set(app.labels)
+    assert app.choice("me/sketch").pending and "me/sketch" not in app.pipeline.models  # nothing read yet
+    # picking it downloads and loads it; the controls then fit the model
+    prompt, _, gamma, *_, text, tab = app.model_changed("me/sketch", "")
+    assert prompt["value"] == "a cat" and gamma["interactive"] is True and tab == "sketch"
+    assert "from the Hugging Face Hub" in text and "stochastic" in text
+    assert "me/sketch" in app.pipeline.models and not app.choice("me/sketch").pending
+    sketch = {"composite": sketch_image()}
+    hub = app.run("sketch", "me/sketch", sketch, None, "a cat", NO_STYLE, 0.4, 5)
+    local = app.run("sketch", "sketch.safetensors", sketch, None, "a cat", NO_STYLE, 0.4, 5)
+    assert hub[0] is not None and np.array_equal(np.asarray(hub[0]), np.asarray(local[0])), hub[3]
+    # an unpaired one: its id is its default direction, the other gets its own entry
+    out, _, _, status, _ = app.run("upload", "me/cycle@v1", None, photo(), None, NO_STYLE)
+    assert out is not None, status
+    assert app.choice("me/cycle@v1").direction == "a2b" and app.choice("me/cycle@v1 (b2a)").prompt == "day"
+    b2a = app.run("upload", "me/cycle@v1 (b2a)", None, photo())[0]
+    want = app.run("upload", "unpaired.safetensors (b2a)", None, photo())[0]
+    assert np.array_equal(np.asarray(b2a), np.asarray(want))
+    # one that cannot be had says why, and stays listed for a later try
+    *_, status, _ = app.run("upload", "me/absent", None, photo())
+    assert "me/absent is not in the Hugging Face cache" in status and app.choice("me/absent").pending
+    assert isinstance(app.choice("me/absent"), Choice)
+
+
+def test_add_from_hub_loads_a_model_or_says_why_not(app, tiny_base_dir, hub_cache, tmp_path):
+    from hub_cache import add_to_hub_cache
+
+    from turbo.base import load_base
+    from turbo.formats import save_checkpoint
+    from turbo.generator import Generator
+
+    update, status = app.add_from_hub(" me/edges ")
+    assert update["value"] == "me/edges" and "me/edges" in update["choices"]
+    assert (
+        status
+        == "Added `me/edges` from the Hub: paired (pix2pix-turbo), translates Canny edges of your image."
+    )
+    assert "me/edges" in app.pipeline.models  # loaded onto the running base at once
+    update, status = app.add_from_hub("me/cycle")
+    assert update["value"] == "me/cycle" and "`me/cycle`, `me/cycle (b2a)`" in status
+    # made for another base
+    wide = make_tiny_base_cached(tmp_path / "wide")
+    g = Generator(load_base(wide, device="cpu"))
+    g.new_model("m", "paired")
+    add_to_hub_cache(
+        hub_cache, "me/wide", {"m.safetensors": save_checkpoint(g.export("m"), tmp_path / "m.safetensors")}
+    )
+    cases = {
+        "": "not added: empty model name",
+        "edge_to_image": "not added: edge_to_image is a released model, already in the list; this box "
+        "takes a Hugging Face Hub id (owner/repo",
+        "a/b/c/d": "(taken for a Hub id: it has 4 parts",
+        "me/absent": "not added: me/absent is not in the Hugging Face cache",
+        "me/docs": "not added: me/docs holds no turbo checkpoint",
+        "me/notturbo": "not added: me/notturbo (pytorch_lora_weights.safetensors): a safetensors file, "
+        "but not a turbo model",
+        "me/wide": "not added: me/wide does not fit the base model",
+    }
+    for text, message in cases.items():
+        before = list(app.labels)
+        update, status = app.add_from_hub(text)
+        assert update == {"__type__": "update"} and message in status, (text, status)
+        assert app.labels == before and text not in app.pipeline.models
+    assert len(app.warnings) == len(cases)
+
+
+def make_tiny_base_cached(folder: Path) -> Path:
+    from tiny import make_tiny_base
+
+    return make_tiny_base(folder, seed=1, unet_channels=(24, 32))
+
+
+def test_hub_models_flag_and_environment_are_checked_before_the_base_loads(tmp_path, monkeypatch, capsys):
+    from turbo.app import page as app_module
+
+    monkeypatch.setenv("TURBO_MODELS", " me/a, me/b@v1/m.safetensors ,,")
+    args = app_module.build_parser().parse_args(["--model", "me/c"])
+    assert app_module.hub_models(args) == ["me/a", "me/b@v1/m.safetensors", "me/c"]
+    args = app_module.build_parser().parse_args(["--hub-models", "me/x"])  # the flag replaces the variable
+    assert app_module.hub_models(args) == ["me/x"]
+    missing = str(tmp_path / "missing_base")
+    for flag, message in {
+        "a/b/c/d": "error: --hub-models / TURBO_MODELS entry 'a/b/c/d': 'a/b/c/d' is no existing file and "
+        "not a valid Hub id (taken for a Hub id: it has 4 parts",
+        "edge_to_image": "error: --hub-models / TURBO_MODELS entry 'edge_to_image' is a released model, "
+        "not a Hub id",
+    }.items():
+        assert app_module.main(["--base", missing, "--device", "cpu", "--hub-models", flag]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(message) and "missing_base" not in err, err
+
+
+def test_app_model_flag_takes_a_hub_id(tiny_base_dir, models_dir, hub_cache):
+    from turbo.app import page as app_module
+
+    args = app_module.build_parser().parse_args(
+        [
+            "--base",
+            str(tiny_base_dir),
+            "--models-dir",
+            str(models_dir),
+            "--device",
+            "cpu",
+            "--model",
+            "me/sketch",
+        ]
+    )
+    app = app_module.create_app(args)
+    assert app.choice("me/sketch").pending and app_module._first_model(args, app) == "me/sketch"
+    args.model = "edges.safetensors"  # a label of the list stays a label
+    assert app_module.hub_models(args) == [] and app_module._first_model(args, app) == "edges.safetensors"

@@ -205,3 +205,104 @@ def test_uploading_a_checkpoint_through_the_ui(server, tiny_base_dir, tmp_path):
         handle_file(str(bad)), "sketch.safetensors", api_name="/upload_checkpoint"
     )
     assert "not a usable checkpoint" in status and not (folder / "bad.pkl").exists()
+
+
+@pytest.fixture(scope="module")
+def hub_server(tiny_base_dir, tmp_path_factory):
+    """The app with TURBO_MODELS=me/sketch,me/absent over an offline Hub cache, and the sketch model's
+    local file in its models folder."""
+    from test_app_handlers import hub_models_cache
+
+    root = tmp_path_factory.mktemp("hub_app")
+    cache = hub_models_cache(root / "hub", str(tiny_base_dir))
+    folder = root / "checkpoints"
+    folder.mkdir()
+    shutil.copy(checkpoint_files(str(tiny_base_dir))["sketch"], folder / "local.safetensors")
+    os.utime(folder / "local.safetensors", (time.time() - 60, time.time() - 60))
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TURBO_MODELS": "me/sketch,me/absent"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    port = free_port()
+    args = app_module.build_parser().parse_args(
+        ["--base", str(tiny_base_dir), "--models-dir", str(folder), "--device", "cpu", "--port", str(port),
+         "--max-side", "128"]
+    )  # fmt: skip
+    demo = app_module.build_demo(args)
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    yield demo, client
+    client.close()
+    demo.close()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def test_hub_models_from_turbo_models_and_the_add_box_through_the_client(hub_server, tmp_path):
+    _, client = hub_server
+    choices = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert "/add_from_hub" in choices
+    png = tmp_path / "sketch.png"
+    sketch_image().save(png)
+    prompt, *_, text = client.predict("me/sketch", "", None, None, api_name="/set_model")
+    assert value(prompt) == "a cat" and "from the Hugging Face Hub" in text
+    images = []
+    for label in ("me/sketch", "local.safetensors"):
+        out, _, _, status = client.predict(
+            label, editor(png), None, "a dog", "Anime", 0.4, 42, 100, 200, api_name="/translate_sketch"
+        )
+        assert "Done in" in status, status
+        images.append(np.asarray(Image.open(out).convert("RGB")))
+    assert np.array_equal(images[0], images[1])
+    *_, status = client.predict(
+        "me/absent", editor(png), None, "a dog", "Anime", 0.4, 42, 100, 200, api_name="/translate_sketch"
+    )
+    assert "me/absent is not in the Hugging Face cache" in status
+    # the add box: checked, loaded, selected; a translation with it
+    model, status = client.predict("me/cycle", api_name="/add_from_hub")
+    assert value(model) == "me/cycle" and "Added `me/cycle`, `me/cycle (b2a)` from the Hub" in status
+    pic = tmp_path / "pic.png"
+    photo().save(pic)
+    out, _, _, status = client.predict(
+        "me/cycle (b2a)", None, handle_file(str(pic)), "day", "(no style)", 0.4, 42, 100, 200,
+        api_name="/translate_upload",
+    )  # fmt: skip
+    assert "Done in" in status and Image.open(out).size == (64, 48)
+    _, status = client.predict("me/docs", api_name="/add_from_hub")
+    assert "not added: me/docs holds no turbo checkpoint" in status
+
+
+def test_a_hub_download_never_holds_up_translations(hub_server, tmp_path, monkeypatch):
+    """While the add box waits on a download that does not finish, another user's translation runs."""
+    import threading
+
+    from turbo import model_source
+
+    _, client = hub_server
+    started, release = threading.Event(), threading.Event()
+    real = model_source.hub_file
+
+    def slow(hub):
+        started.set()
+        assert release.wait(60)
+        return real(hub)
+
+    monkeypatch.setattr(model_source, "hub_file", slow)
+    png = tmp_path / "sketch.png"
+    sketch_image().save(png)
+    pending = client.submit("me/edges", api_name="/add_from_hub")
+    assert started.wait(30)
+    try:
+        other = Client(client.src, verbose=False)  # another user
+        *_, status = other.predict(
+            "local.safetensors", editor(png), None, "a dog", "Anime", 0.4, 42, 100, 200,
+            api_name="/translate_sketch",
+        )  # fmt: skip
+        assert "Done in" in status and not pending.done()
+    finally:
+        release.set()
+    model, status = pending.result(timeout=60)
+    assert value(model) == "me/edges" and "Added `me/edges`" in status
+    other.close()

@@ -373,3 +373,41 @@ def test_argument_types_name_what_they_want(capsys):
             main([*base, *extra])
         err = capsys.readouterr().err
         assert message in err and "invalid" not in err, err
+
+
+def test_translate_a_hub_model_from_the_cache_gives_the_local_files_image(
+    files, tiny_base_dir, tmp_path, capsys, monkeypatch
+):
+    from hub_cache import add_to_hub_cache
+
+    from turbo import model_source
+
+    root = tmp_path / "hub"
+    add_to_hub_cache(
+        root, "me/sketch", {"sketch.pkl": files / "sketch.pkl", "README.md": b"# card"}, ("main", "v1")
+    )
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(model_source, "_fetched", {})
+    common = ["--input", str(files / "photo.png"), "--base", str(tiny_base_dir), "--prompt", "a cat"]
+    images = {}
+    for model in (str(files / "sketch.pkl"), "me/sketch", "me/sketch@v1/sketch.pkl"):
+        out = tmp_path / f"{len(images)}.png"
+        code, _, err = run(
+            ["translate", "--model", model, "--output", str(out), *common, "--seed", "3"], capsys
+        )
+        assert code == 0, err
+        images[model] = np.asarray(Image.open(out))
+    first, *others = images.values()
+    assert all(np.array_equal(first, other) for other in others)
+    # a Hub id that is not cached, or not a valid id, is one line before the base loads (none here)
+    no_base = ["--input", str(files / "photo.png"), "--base", str(tmp_path / "no_base"), "--prompt", "x"]
+    for model, message in {
+        "me/absent": "me/absent is not in the Hugging Face cache",
+        "a/b/c/d": "taken for a Hub id: it has 4 parts",
+    }.items():
+        code, _, err = run(
+            ["translate", "--model", model, "--output", str(tmp_path / "o.png"), *no_base], capsys
+        )
+        lines = _lines(err)
+        assert code == 2 and len(lines) == 1 and message in lines[0], (model, err)

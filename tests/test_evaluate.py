@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tiny import make_tiny_base
 from training_assets import make_domains_dataset, make_tiny_dino, one_thread, random_fid_weights  # noqa: F401
 
@@ -117,3 +118,38 @@ def test_cli_evaluates_a_checkpoint_and_writes_json_and_markdown(assets, tmp_pat
         mp.setenv("TURBO_OFFLINE", "1")
         assert main([*argv, "--no-fid"]) == 2
     assert "offline mode" in capsys.readouterr().err
+
+
+def test_cli_evaluates_a_hub_model_as_the_same_local_file(assets, tmp_path, capsys, monkeypatch):
+    from hub_cache import add_to_hub_cache
+
+    from turbo import model_source
+
+    g = Generator(load_base(assets["base"], device="cpu"))
+    g.new_model("m", "unpaired", rank_unet=4)
+    ckpt = g.export("m", prompts={"a2b": "cool", "b2a": "warm"}, image_prep="no_resize")
+    path = save_checkpoint(ckpt, tmp_path / "model.safetensors")
+    add_to_hub_cache(tmp_path / "hub", "me/cycle", {"model.safetensors": path, "README.md": b"# card"})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(model_source, "_fetched", {})
+    common = ["--dataset", str(assets["data"]), "--direction", "a2b", "--base", str(assets["base"]),
+              "--device", "cpu", "--dino-model", str(assets["dino"]), "--no-fid",
+              "--num-images", "2"]  # fmt: skip
+    results = {}
+    for name, model in (("local", str(path)), ("hub", "me/cycle")):
+        assert main(["--model", model, "--output", str(tmp_path / name), *common]) == 0
+        results[name] = json.loads((tmp_path / name / "metrics.json").read_text())
+        results[name]["results"][0].pop("samples")  # the output folder
+    assert results["hub"]["model"] == "me/cycle"
+    assert results["hub"]["results"] == results["local"]["results"]
+    assert results["hub"]["results"][0]["dino_structure"] > 0
+    for sample in sorted((tmp_path / "local" / "samples").glob("*.png")):
+        local, hub = (
+            np.asarray(Image.open(tmp_path / n / "samples" / sample.name)) for n in ("local", "hub")
+        )
+        assert np.array_equal(local, hub)
+    capsys.readouterr()
+    assert main(["--model", "me/absent", "--output", str(tmp_path / "x"), *common]) == 2
+    assert capsys.readouterr().err.startswith("error: me/absent is not in the Hugging Face cache")
+    assert not (tmp_path / "x").exists()

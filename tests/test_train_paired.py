@@ -343,3 +343,34 @@ def test_a_failing_validation_keeps_its_steps_checkpoint_and_resume_guards(asset
     )  # fmt: skip
     with pytest.raises(ResumeError, match="a paired training checkpoint, and this is unpaired training"):
         train_unpaired(unpaired)
+
+
+def test_init_from_a_hub_id_starts_from_the_same_weights_as_the_local_file(
+    assets, tmp_path, capsys, monkeypatch
+):
+    from hub_cache import add_to_hub_cache
+
+    from turbo import model_source
+    from turbo.formats import save_checkpoint
+
+    g = Generator(load_base(assets["base"], device="cpu"))
+    g.new_model("m", "paired")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for p in g.trainable_parameters("m"):
+            p.copy_(torch.randn_like(p) * 0.05)
+    local = save_checkpoint(
+        g.export("m", prompts={"a2b": "a shape"}, input="canny"), tmp_path / "m.safetensors"
+    )
+    add_to_hub_cache(tmp_path / "hub", "me/shapes", {"m.safetensors": local})
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(model_source, "_fetched", {})
+    exported = [PairedTrainer(config(assets, tmp_path / n, init_from=m)).export() for n, m in
+                (("a", str(local)), ("b", "me/shapes"))]  # fmt: skip
+    assert exported[0].unet.keys() == exported[1].unet.keys()
+    assert all(torch.equal(exported[0].unet[k], exported[1].unet[k]) for k in exported[0].unet)
+    assert torch.equal(exported[1].unet["conv_in.weight"], load_checkpoint(local).unet["conv_in.weight"])
+    assert main([*argv(config(assets, tmp_path / "c")), "--init-from", "me/absent"]) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: me/absent is not in the Hugging Face cache" in "\n" + err and "Traceback" not in err

@@ -1,6 +1,6 @@
 """Evaluating unpaired translation: FID and DINO-ViT structure distance on a dataset's test split.
 
-    python -m training.evaluate --model FILE_OR_NAME --dataset DIR --direction a2b|b2a [--output DIR]
+    python -m training.evaluate --model FILE_NAME_OR_HUB_ID --dataset DIR --direction a2b|b2a [--output DIR]
 
 What is measured, as the original img2img-turbo's training validation does it:
 
@@ -245,7 +245,11 @@ def build_metrics(
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="a released model name or a checkpoint file")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a checkpoint file, a released name or a Hub id (owner/repo[@REV][/FILE]), in that order",
+    )
     p.add_argument("--dataset", required=True, help="unpaired dataset folder (reads test_A/ and test_B/)")
     p.add_argument("--direction", default=None, choices=DIRECTIONS, help="default: the model's first")
     p.add_argument("--output", default="evaluation", help="folder for samples/, metrics.json, metrics.md")
@@ -270,10 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate_model(args: argparse.Namespace) -> EvalResult:
     """Run the CLI's evaluation (see module doc) and write its report."""
     from turbo.base import DEFAULT_BASE
+    from turbo.model_source import model_file
     from turbo.pipeline import Pipeline
 
     if args.batch_size < 1:
         raise EvaluationError(f"--batch-size must be at least 1, got {args.batch_size}")
+    model_file(args.model)  # a bad name, or a Hub repo that is not there, fails before the base loads
     pipe = Pipeline(args.base or DEFAULT_BASE, device=args.device, dtype=args.dtype, max_models=1)
     info = pipe.load(args.model)
     if info.kind != "unpaired":

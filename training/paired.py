@@ -99,7 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rank-unet", type=int, default=d.rank_unet)
     g.add_argument("--rank-vae", type=int, default=d.rank_vae)
     g.add_argument("--stochastic", action="store_true", help="train the diverse-output (gamma) model")
-    g.add_argument("--init-from", default=None, help="start from a released model name or a model file")
+    g.add_argument(
+        "--init-from",
+        default=None,
+        help="start from a paired model: a file, a released name or a Hub id (owner/repo[@REV][/FILE])",
+    )
     g.add_argument(
         "--default-prompt", default=None, help="prompt stored in the model (default: first caption)"
     )
@@ -176,16 +180,14 @@ class PairedTrainer(Trainer):
     # -- model -------------------------------------------------------------------------------------
 
     def _read_init(self) -> TurboCheckpoint | None:
-        """The --init-from checkpoint (a file, or a released name: downloaded), checked; None if none."""
+        """The --init-from checkpoint (a file; a released name or a Hub id: downloaded), checked; None
+        if none."""
         cfg = self.cfg
         if cfg.init_from is None:
             return None
-        path = Path(cfg.init_from)
-        if not path.is_file():
-            from turbo.registry import checkpoint_path
+        from turbo.model_source import model_file
 
-            path = checkpoint_path(cfg.init_from)
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(model_file(cfg.init_from))
         if ckpt.kind != "paired":
             raise ConfigError(
                 f"--init-from {cfg.init_from}: a {ckpt.kind} model; paired training needs a paired one"

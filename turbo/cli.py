@@ -22,6 +22,7 @@ from turbo.base import DEFAULT_BASE, DTYPES, BaseModelError, resolve_device
 from turbo.errors import TurboError
 from turbo.formats import CheckpointError, load_checkpoint, save_checkpoint
 from turbo.model_card import DEFAULT_LICENSE
+from turbo.model_source import FORMS, model_file, parse_model
 from turbo.pipeline import MAX_SEED, GammaError, Pipeline
 from turbo.preprocess import (
     EVAL_IMAGE_PREPS,
@@ -100,7 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("translate", help="translate an image or a folder of images")
     t.add_argument(
-        "--model", required=True, help=f"a released model ({', '.join(RELEASED)}) or a checkpoint file"
+        "--model",
+        required=True,
+        help=f"a checkpoint file, a released model ({', '.join(RELEASED)}), or a Hugging Face Hub id "
+        f"({FORMS}), looked for in that order",
     )
     t.add_argument("--input", required=True, type=Path, help="an image file or a folder of images")
     t.add_argument(
@@ -250,11 +254,12 @@ def translate(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_output(args.input, args.output)
     images, kept = _folder_plan(args) if args.input.is_dir() else ([], [])
-    Pipeline.resolve(args.model)  # an unknown model fails before the base loads
+    source = parse_model(args.model)  # an unknown model fails before the base loads
     if kept and not images:  # nothing left to do: no need to load anything
         _report_kept(kept, args.output)
         print(f"wrote 0 images to {args.output} ({len(kept)} skipped)")
         return 1
+    model_file(source)  # downloaded now: a repo that is not there fails before the base loads
     pipe = Pipeline(
         args.base, args.device, args.dtype, max_models=1, fast=not args.plain, compile=args.compile
     )

@@ -23,10 +23,11 @@ from turbo import preprocess as pp
 from turbo.base import DEFAULT_BASE, load_base
 from turbo.errors import SettingError, TurboError
 from turbo.fast.path import FastOptions, FastPath, bf16_is_native
-from turbo.formats import TurboCheckpoint, file_version, load_checkpoint
+from turbo.formats import CheckpointError, TurboCheckpoint, file_version, load_checkpoint
 from turbo.formats.checkpoint import Direction, Kind, is_direction
 from turbo.generator import Generator
-from turbo.registry import RELEASED, UnknownModelError, checkpoint_path
+from turbo.model_source import ModelSource, model_file, parse_model
+from turbo.registry import RELEASED
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,9 @@ def noise_map(seed: int, height: int, width: int) -> torch.Tensor:
     return torch.randn((1, 4, height // 8, width // 8), generator=g)
 
 
-def _info_for(key: str, ckpt: TurboCheckpoint, version: tuple[int, int] | None) -> ModelInfo:
-    released = RELEASED.get(key)
+def _info_for(source: ModelSource, ckpt: TurboCheckpoint, version: tuple[int, int] | None) -> ModelInfo:
+    key = source.key
+    released = RELEASED.get(key) if source.kind == "released" else None
     if released is not None:
         direction = released.direction or "a2b"
         prompts = {direction: released.caption} if released.caption else {}
@@ -116,12 +118,25 @@ def _info_for(key: str, ckpt: TurboCheckpoint, version: tuple[int, int] | None) 
             example_prompt=released.example_prompt,
         )  # fmt: skip
     # a released unpaired file (night2day.pkl) has a caption for the direction it was released for
+    name = str(source.hub) if source.hub else Path(key).stem
     default_direction = next((d for d in ckpt.directions if ckpt.prompts.get(d)), ckpt.directions[0])
     return ModelInfo(
-        key=key, name=Path(key).stem, kind=ckpt.kind, stochastic=ckpt.stochastic, directions=ckpt.directions,
+        key=key, name=name, kind=ckpt.kind, stochastic=ckpt.stochastic, directions=ckpt.directions,
         input=ckpt.input, image_prep=ckpt.image_prep, prompts=dict(ckpt.prompts),
         default_direction=default_direction, default_gamma=0.4 if ckpt.stochastic else None, version=version,
     )  # fmt: skip
+
+
+def _read(source: ModelSource, path: Path) -> TurboCheckpoint:
+    """The checkpoint at `path`; a Hub model's messages name its id, not its place in the Hub cache."""
+    if source.hub is None:
+        return load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(str(e).replace(str(path), f"{source.hub} ({path.name})")) from e
+    ckpt.source = str(source.hub)
+    return ckpt
 
 
 class Pipeline:
@@ -173,32 +188,36 @@ class Pipeline:
 
     @staticmethod
     def resolve(model: str | Path) -> tuple[str, Path | None]:
-        """A released name -> (name, None); a checkpoint file -> (`file_key`, path)."""
-        if isinstance(model, str) and model in RELEASED:
-            return model, None
-        path = Path(model).expanduser()
-        if path.is_file():
-            key = Pipeline.file_key(path)
-            return key, Path(key)
-        raise UnknownModelError(
-            f"unknown model {str(model)!r}: give one of {', '.join(RELEASED)} or the path of a "
-            f".safetensors/.pkl checkpoint"
-        )
+        """A released name -> (name, None); a checkpoint file -> (`file_key`, path); a Hub id ->
+        (the id, None). Reads the model string only (`turbo.model_source.parse_model`: a local file,
+        a released name, a Hub id, in that order): nothing is downloaded, so a bad one fails at once."""
+        source = parse_model(model)
+        return source.key, (Path(source.key) if source.kind == "file" else None)
 
     def load(self, model: str | Path) -> ModelInfo:
-        """Load (or fetch from the cache) a released model or a checkpoint file; a file that changed
-        on disk since it was loaded is loaded again."""
-        key, path = self.resolve(model)
+        """Load (or fetch from the cache) a released model, a checkpoint file or a Hub model; a file
+        that changed on disk since it was loaded is loaded again. A Hub model is downloaded before
+        the lock is taken, so translations go on meanwhile."""
+        source = parse_model(model)
+        key = source.key
+        path = source.path if source.kind == "file" else None
         with self.lock:
             version = file_version(path) if path is not None else None
             info = self.models.get(key)
             if info is not None and info.version == version:
                 self.models.move_to_end(key)
                 return info
-            ckpt = load_checkpoint(path if path is not None else checkpoint_path(key, self.cache_dir))
+        if path is None:  # released or Hub: download outside the lock
+            path = model_file(source, self.cache_dir)
+        with self.lock:
+            info = self.models.get(key)  # another thread may have loaded it meanwhile
+            if info is not None and info.version == version:
+                self.models.move_to_end(key)
+                return info
+            ckpt = _read(source, path)
             # Everything that can fail is done before the generator takes the model, so a failed load
             # leaves nothing behind (a retry would otherwise find the name taken).
-            info = _info_for(key, ckpt, version)
+            info = _info_for(source, ckpt, version)
             self.unload(key)  # the version read before, if any
             while len(self.models) >= self.max_models:
                 oldest = next(iter(self.models))

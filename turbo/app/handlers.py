@@ -14,8 +14,9 @@ import logging
 import math
 import random
 import tempfile
+import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from PIL import Image
 from turbo.app.models_folder import FolderModel, ModelsFolder
 from turbo.errors import TurboError
 from turbo.formats import CheckpointError
+from turbo.model_source import FORMS, ModelNameError, model_file, parse_model
 from turbo.pipeline import MAX_SEED, GammaError, ModelInfo, Pipeline, SeedError, Translation, get_pipeline
 from turbo.preprocess import (
     ImageError,
@@ -39,10 +41,15 @@ from turbo.registry import RELEASED, STYLES, UnknownModelError, styled_prompt
 
 logger = logging.getLogger(__name__)
 
+# Seconds a ZeroGPU call may hold the GPU: one translation (a fraction of a second on a ZeroGPU card)
+# or one model load (a file read and the fold into the base, a few seconds), with room to spare;
+# asking for less than the default 60 puts the app's calls earlier in ZeroGPU's queue.
+GPU_SECONDS = 30
+
 try:  # on ZeroGPU, app.py imports `spaces` before torch touches CUDA; here it is only looked up
     import spaces
 
-    GPU: Callable = spaces.GPU
+    GPU: Callable = spaces.GPU(duration=GPU_SECONDS)  # off ZeroGPU it returns the function as is
 except ImportError:  # anywhere else: no-op
 
     def GPU(fn: Callable) -> Callable:  # noqa: N802 (mirrors spaces.GPU)
@@ -138,6 +145,8 @@ class Choice:
     prompt: str | None = None
     example_prompt: str | None = None
     released: bool = False
+    hub: bool = False  # a Hugging Face Hub model; model is its id
+    pending: bool = False  # a Hub model not downloaded yet: kind, input and directions unknown
 
     @property
     def tab(self) -> str:
@@ -181,6 +190,29 @@ def folder_choices(entry: FolderModel) -> list[Choice]:
     return out
 
 
+def hub_pending(hub_id: str) -> Choice:
+    """A Hub model listed before its first use (TURBO_MODELS): what it is is known once loaded."""
+    return Choice(hub_id, hub_id, None, "paired", False, "none", hub=True, pending=True)
+
+
+def hub_choices(hub_id: str, info: ModelInfo) -> list[Choice]:
+    """A loaded Hub model's entries: its id for its default direction, `id (b2a)` for another one."""
+    ordered = [info.default_direction, *(d for d in info.directions if d != info.default_direction)]
+    return [
+        Choice(
+            label=hub_id if d == info.default_direction else f"{hub_id} ({d})",
+            model=hub_id,
+            direction=d,
+            kind=info.kind,
+            stochastic=info.stochastic,
+            input=info.input,
+            prompt=info.prompts.get(d) or None,
+            hub=True,
+        )
+        for d in ordered
+    ]
+
+
 @GPU
 def gpu_translate(pipeline_key: tuple, image: Image.Image, model: str, **kw) -> Translation:
     """The one place the app runs the network (see `Pipeline.translate` for the arguments)."""
@@ -213,6 +245,7 @@ class TurboApp:
         max_side: int = 1024,
         warn: Callable[[str], None] | None = None,
         max_models: int = 4,
+        hub_models: Sequence[str] = (),
     ):
         self.pipeline_key = pipeline_key
         self.pipeline: Pipeline = get_pipeline(*pipeline_key, max_models=max_models)
@@ -223,18 +256,23 @@ class TurboApp:
         self._outputs: deque[Path] = deque()
         self._choices: dict[str, Choice] = {}
         self._entries: list[FolderModel] = []
+        self._hub: dict[str, Choice] = {}
+        self._hub_locks: dict[str, threading.Lock] = {}
+        self._hub_lock = threading.Lock()
+        for hub_id in hub_models:
+            self._hub.setdefault(hub_id, hub_pending(hub_id))
         self.rescan()
 
     # ---- models ----
     def rescan(self) -> dict[str, Choice]:
         """Scan the models folder; forget (unload) checkpoint files that disappeared."""
         entries = self.folder.scan()
-        choices = {c.label: c for c in released_choices()}
+        choices = {c.label: c for c in released_choices()} | self._hub
         for entry in entries:
             if entry.status == "ok":
                 choices.update({c.label: c for c in folder_choices(entry)})
-        old_files = {c.model for c in self._choices.values() if not c.released}
-        new_files = {c.model for c in choices.values() if not c.released}
+        old_files = {c.model for c in self._choices.values() if not (c.released or c.hub)}
+        new_files = {c.model for c in choices.values() if not (c.released or c.hub)}
         for gone in old_files - new_files:
             key = Pipeline.file_key(gone)
             if key in self.pipeline.models:
@@ -300,6 +338,60 @@ class TurboApp:
             f"Added `{entry.name}` to the models folder.",
         )
 
+    # ---- Hugging Face Hub models ----
+    def ready_choice(self, label: str | None) -> Choice:
+        """`choice(label)`, a pending Hub model downloaded and loaded first (TurboError if it cannot
+        be); its entries then replace the pending one."""
+        c = self.choice(label)
+        if c.pending:
+            self._load_hub(c.model)
+            c = self.choice(label)
+        return c
+
+    def _load_hub(self, hub_id: str) -> list[Choice]:
+        """Download `hub_id` (outside the GPU function and the pipeline's lock: translations go on),
+        load it onto the running base, and list it; one download per model at a time."""
+        with self._hub_lock:
+            lock = self._hub_locks.setdefault(hub_id, threading.Lock())
+        with lock:
+            done = [c for c in self._hub.values() if c.model == hub_id and not c.pending]
+            if done:  # listed already (if evicted since, the next translation reloads it)
+                return done
+            model_file(hub_id)  # the download; HubModelError says why it cannot be had
+            # the short step, under the pipeline's lock: read, check against the base, fold in;
+            # CheckpointError: not a turbo model, or one made for another base
+            choices = hub_choices(hub_id, gpu_load(self.pipeline_key, hub_id))
+            listed = {k: c for k, c in self._hub.items() if k != hub_id}
+            self._hub = listed | {c.label: c for c in choices}  # one assignment: readers see either
+            self.rescan()
+            return choices
+
+    def add_from_hub(self, text: str | None) -> tuple[dict, str]:
+        """Handler of *Add from the Hub*: check the id, download, load onto the running base, select
+        it. Returns (dropdown update, status text); a refusal says why and changes nothing."""
+        text = (text or "").strip()
+        try:
+            source = parse_model(text)
+            if source.kind != "hub":
+                released = source.kind == "released"
+                what = "a released model, already in the list" if released else "a local file"
+                raise ModelNameError(
+                    f"{text} is {what}; this box takes a Hugging Face Hub id ({FORMS})"
+                    + ("; put files in the models folder" if source.kind == "file" else "")
+                )
+            hub_id = str(source.hub)
+            choices = self._load_hub(hub_id)
+        except TurboError as e:
+            self.warn(str(e))
+            return gr.update(), _message(f"not added: {e}")
+        c = choices[0]
+        what = "paired (pix2pix-turbo)" if c.kind == "paired" else "unpaired (CycleGAN-Turbo)"
+        entries = ", ".join(f"`{html.escape(x.label)}`" for x in choices)
+        return (
+            gr.update(choices=self.labels, value=c.label),
+            f"Added {entries} from the Hub: {what}, translates {INPUT_WORDS.get(c.input, c.input)}.",
+        )
+
     # ---- controls ----
     def model_changed(self, label: str | None, prompt: str | None, sketch=None, upload=None) -> tuple:
         """Handler of the model dropdown: adapt the controls to the model.
@@ -309,8 +401,8 @@ class TurboApp:
         model needs, unless only the other one holds an image (e.g. an example was just loaded).
         """
         try:
-            c = self.choice(label)
-        except UnknownModelError as e:
+            c = self.ready_choice(label)
+        except TurboError as e:
             nothing = (gr.update(),) * 7
             return (*nothing, _message(str(e)), gr.update())
         prefilled = {x.prompt for x in self._choices.values()} | {
@@ -341,6 +433,7 @@ class TurboApp:
         canny = gr.update(visible=edges)
         what = "paired (pix2pix-turbo)" if c.kind == "paired" else "unpaired (CycleGAN-Turbo)"
         where = "released; downloaded on first use" if c.released else f"file `{Path(c.model).name}`"
+        where = "from the Hugging Face Hub" if c.hub else where
         direction = f", direction {c.direction}" if c.direction and not c.released else ""
         text = (
             f"**{html.escape(c.label)}**: {what}{direction}, translates {INPUT_WORDS.get(c.input, c.input)}"
@@ -404,7 +497,7 @@ class TurboApp:
         text, source). Errors come back as a status message (and a warning); nothing is raised.
         """
         try:
-            c = self.choice(label)
+            c = self.ready_choice(label)
             seed = parse_seed(seed)
             # checked only where used: a model without that control ignores a stale or empty value
             gamma = parse_gamma(gamma) if c.stochastic else None

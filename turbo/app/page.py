@@ -32,6 +32,7 @@ from turbo.app.models_folder import ModelsFolder  # noqa: E402
 from turbo.base import DEFAULT_BASE, DTYPES  # noqa: E402
 from turbo.cli import check_device  # noqa: E402
 from turbo.errors import TurboError  # noqa: E402
+from turbo.model_source import FORMS, ModelNameError, parse_model  # noqa: E402
 from turbo.pipeline import get_pipeline  # noqa: E402
 from turbo.registry import DEFAULT_STYLE  # noqa: E402
 
@@ -88,7 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default=None, help="default 127.0.0.1 (0.0.0.0 on Hugging Face Spaces)")
     p.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
-    p.add_argument("--model", default=None, help="model selected at start (default: the sketch model)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model selected at start (default: the sketch model); a Hub id (owner/repo) is listed too",
+    )
+    p.add_argument(
+        "--hub-models",
+        type=hub_list,
+        default=os.environ.get("TURBO_MODELS", ""),
+        help="Hugging Face Hub models to list, comma-separated: owner/repo[@REV][/FILE],... (default: "
+        "$TURBO_MODELS); each downloads and loads on first use",
+    )
     p.add_argument(
         "--max-models", type=_at_least(1), default=4, help="models kept loaded, >= 1 (least recently used go)"
     )
@@ -126,25 +138,63 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def hub_list(text: str) -> list[str]:
+    """A comma-separated list of Hub ids, blanks dropped (checked later, by `hub_models`)."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def hub_models(args: argparse.Namespace) -> list[str]:
+    """The Hub models to list: --hub-models (or $TURBO_MODELS) and a --model that is a Hub id, checked
+    before the base loads (ModelNameError names the entry and what it was taken for)."""
+    wanted = hub_list(args.hub_models) if isinstance(args.hub_models, str) else list(args.hub_models)
+    ids = []
+    for item in wanted:
+        try:
+            source = parse_model(item)
+        except TurboError as e:
+            raise ModelNameError(f"--hub-models / TURBO_MODELS entry {item!r}: {e}") from None
+        if source.kind != "hub":
+            raise ModelNameError(
+                f"--hub-models / TURBO_MODELS entry {item!r} is a {source.kind} model, not a Hub id ({FORMS})"
+            )
+        ids.append(str(source.hub))
+    if args.model and "/" in args.model:  # else a label of the list (a released name, a folder file)
+        source = parse_model(args.model)
+        if source.kind == "hub":
+            ids.append(str(source.hub))
+    return list(dict.fromkeys(ids))
+
+
 def default_host() -> str:
     """Loopback, except on Hugging Face Spaces (SPACE_ID is set there), which needs every address."""
     return "0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1"
 
 
 def create_app(args: argparse.Namespace) -> TurboApp:
-    """Load the base (BaseModelError, a TurboError, if it cannot be, or if the device cannot run it)
-    and scan the models folder."""
+    """Load the base (BaseModelError, a TurboError, if it cannot be, or if the device cannot run it),
+    scan the models folder and list the Hub models (not downloaded yet)."""
     check_device(args.device)  # "meta" and the like would load, then fail at the first translation
+    hub = hub_models(args)  # a bad Hub id fails before the base loads
     key = (args.base, args.device, args.dtype)
     get_pipeline(*key, max_models=args.max_models, restore=args.restore)
     folder = ModelsFolder(args.models_dir, settle_seconds=args.settle_seconds)
-    return TurboApp(key, folder, max_side=args.max_side, max_models=args.max_models)
+    return TurboApp(key, folder, max_side=args.max_side, max_models=args.max_models, hub_models=hub)
+
+
+def _first_model(args: argparse.Namespace, app: TurboApp) -> str:
+    """The model selected at start: --model (a label of the list, or a Hub id as listed), else the
+    sketch model."""
+    if args.model and args.model not in app.labels and "/" in args.model:
+        source = parse_model(args.model)  # checked by create_app already
+        if source.kind == "hub" and str(source.hub) in app.labels:
+            return str(source.hub)
+    return args.model if args.model in app.labels else "sketch_to_image_stochastic"
 
 
 def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Blocks:
     """The page (not launched). `app` defaults to `create_app(args)`."""
     app = app or create_app(args)
-    first = args.model if args.model in app.labels else "sketch_to_image_stochastic"
+    first = _first_model(args, app)
     tab = app.choice(first).tab
     with gr.Blocks(title="turbo: one-step image translation", delete_cache=(3600, 3600)) as demo:
         gr.Markdown(
@@ -211,6 +261,17 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
                 file_types=[".safetensors", ".pkl"],
                 type="filepath",
             )
+        with gr.Accordion("Add from the Hub", open=False):
+            with gr.Row():
+                hub_id = gr.Textbox(
+                    label="Hugging Face Hub model", placeholder="owner/repo (or owner/repo/FILE.safetensors)",
+                    elem_id="hub_id", scale=4,
+                )  # fmt: skip
+                hub_add = gr.Button("Add", size="sm", scale=1, elem_id="hub_add")
+            hub_status = gr.Markdown(
+                "A turbo model from the Hub: downloaded, checked against the base, added to the list.",
+                elem_id="hub_status",
+            )
         gr.Examples(
             [[str(ASSETS / f), m, p, s] for f, m, p, s in EXAMPLES if (ASSETS / f).is_file()],
             inputs=[upload, model, prompt, style],
@@ -259,6 +320,11 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
             [model, folder_text, status],
             api_name="upload_checkpoint",
         )
+        # a download runs beside the translations (its own queue); only loading the model onto the
+        # base waits for the translation under way
+        hub = dict(concurrency_id="hub", concurrency_limit=2)
+        hub_add.click(app.add_from_hub, [hub_id], [model, hub_status], api_name="add_from_hub", **hub)
+        hub_id.submit(app.add_from_hub, [hub_id], [model, hub_status], api_name=False, **hub)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     return demo
 
