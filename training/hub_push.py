@@ -43,7 +43,7 @@ class HubPush:
 
     def __init__(self, cfg: CommonConfig, is_main: bool, api: HfApi | None = None) -> None:
         self.cfg = cfg
-        self.repo_id = cfg.push_to_hub
+        self.repo_id = cfg.push_to_hub or ""
         self.enabled = bool(self.repo_id) and is_main
         self.failed: str | None = None  # the last upload's error, None once one succeeds
         self.final_error: str | None = "not pushed"  # the final push's error; None once it is up
@@ -76,6 +76,7 @@ class HubPush:
         that retries it) when it failed. Never raises for an upload that failed."""
         if not self.enabled:
             return True
+        assert model is not None, "rank 0 exports the model it pushes"
         try:
             self._submit(model, model_file, step, f"Trained model, step {step}", final=True)
         finally:

@@ -23,7 +23,7 @@ from turbo.errors import TurboError
 from turbo.formats import CheckpointError, load_checkpoint, save_checkpoint
 from turbo.model_card import DEFAULT_LICENSE
 from turbo.model_source import FORMS, model_file, parse_model
-from turbo.pipeline import MAX_SEED, GammaError, Pipeline
+from turbo.pipeline import MAX_SEED, GammaError, Pipeline, Translation
 from turbo.preprocess import (
     EVAL_IMAGE_PREPS,
     ImageError,
@@ -327,8 +327,9 @@ def _translate_window(
             loaded.append((path, *load_image_limited(path, pipe.max_side)))
         except ImageError as e:
             tqdm.write(f"skipped {path.name}: {e}")
+    results: list[Translation | None]
     try:
-        results = pipe.translate_batch([im for _, im, _ in loaded], batch_size=args.batch_size, **kwargs)
+        results = list(pipe.translate_batch([im for _, im, _ in loaded], batch_size=args.batch_size, **kwargs))
     except ImageError:  # one bad image: find it by translating one at a time
         results = []
         for path, image, _ in loaded:

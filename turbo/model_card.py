@@ -118,8 +118,8 @@ def card_metadata(
         pipeline_tag=PIPELINE_TAG,
         library_name=LIBRARY_NAME,
         license=license,
-        license_name=f"{base.split('/')[1].lower()}-license" if other else None,
-        license_link=f"https://huggingface.co/{base}" if other else None,
+        license_name=f"{base.split('/')[1].lower()}-license" if other and base else None,
+        license_link=f"https://huggingface.co/{base}" if other and base else None,
         tags=tags,
         datasets=list(datasets) if datasets else None,
     )

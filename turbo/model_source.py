@@ -83,9 +83,9 @@ class ModelSource:
         """The pipeline's cache key: a file's absolute path (symbolic links not followed: a deleted
         link can still be named, a link pointed elsewhere is another version), the released name, or
         the Hub id as `HubModel` writes it."""
-        if self.kind == "file":
+        if self.path is not None:  # kind "file"
             return os.path.abspath(self.path)
-        return self.text if self.kind == "released" else str(self.hub)
+        return self.text if self.hub is None else str(self.hub)
 
 
 def parse_model(text: str | Path) -> ModelSource:
@@ -196,9 +196,9 @@ def model_file(
     turbo.download.DownloadError."""
     if not isinstance(source, ModelSource):
         source = parse_model(source)
-    if source.kind == "file":
+    if source.path is not None:  # kind "file"
         return source.path
-    if source.kind == "released":
+    if source.hub is None:  # kind "released"
         return checkpoint_path(source.text, cache_dir, progress=progress)
     memo = (hub_cache_dir(), source.hub)
     with _fetched_lock:
@@ -287,7 +287,7 @@ def _listed(names: list[str]) -> str:
     return ", ".join(names[:SHOWN]) + more
 
 
-def _hub_error(hub: HubModel, e: Exception, filename: str | None = None) -> TurboError:
+def _hub_error(hub: HubModel, e: BaseException, filename: str | None = None) -> TurboError:
     """The one line a user reads for a huggingface_hub error about `hub`."""
     what = f"{hub.repo_id}/{filename}" if filename and not hub.filename else str(hub)
     login = "set HF_TOKEN (or run `hf auth login`)"

@@ -107,7 +107,7 @@ def read_run(run: str | Path, config: dict | None = None, step: int | None = Non
         figures.step = step
     grids = sorted((run / "eval").glob("step_*.png"))
     if step is not None:
-        grids = [g for g in grids if _grid_step(g) is not None and _grid_step(g) <= step]
+        grids = [g for g in grids if (s := _grid_step(g)) is not None and s <= step]
     return RunFiles(figures, grids[-1] if grids else None, config)
 
 
