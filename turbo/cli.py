@@ -329,7 +329,8 @@ def _translate_window(
             tqdm.write(f"skipped {path.name}: {e}")
     results: list[Translation | None]
     try:
-        results = list(pipe.translate_batch([im for _, im, _ in loaded], batch_size=args.batch_size, **kwargs))
+        images = [im for _, im, _ in loaded]
+        results = list(pipe.translate_batch(images, batch_size=args.batch_size, **kwargs))
     except ImageError:  # one bad image: find it by translating one at a time
         results = []
         for path, image, _ in loaded:
