@@ -11,6 +11,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -338,7 +339,7 @@ class Pipeline:
 
     def translate_batch(
         self,
-        images: list[Image.Image | str | Path],
+        images: Sequence[Image.Image | str | Path],
         model: str | Path,
         prompt: str | None = None,
         direction: str | None = None,
