@@ -21,7 +21,8 @@ import httpx2
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard, constants, hf_hub_download
+from hub_cache import add_to_hub_cache
+from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from PIL import Image
 from reference import RefPaired
@@ -43,6 +44,7 @@ from training.unpaired import train as train_unpaired
 from turbo.cli import main as cli_main
 from turbo.formats import load_checkpoint, save_checkpoint
 from turbo.model_card import build_model_card, figures_from_metrics, is_hub_id
+from turbo.model_source import model_file
 from turbo.pipeline import Pipeline
 from turbo.push import PushError, check_repo_id
 
@@ -120,21 +122,6 @@ def http_error(status: int) -> HfHubHTTPError:
 
 def card_data(text: bytes) -> dict:
     return ModelCard(text.decode()).data.to_dict()
-
-
-def hub_cache(root: Path, repo_id: str, files: dict[str, bytes]) -> Path:
-    """A cache as huggingface_hub lays it out: blobs, refs/main holding the commit, snapshot links."""
-    repo = root / f"models--{repo_id.replace('/', '--')}"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(SHA)
-    for name, data in files.items():
-        blob = repo / "blobs" / f"blob_{len(data)}_{abs(hash(name))}"
-        blob.parent.mkdir(exist_ok=True)
-        blob.write_bytes(data)
-        link = repo / "snapshots" / SHA / name
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(Path("..") / ".." / "blobs" / blob.name)
-    return root
 
 
 def run_cli(argv, capsys) -> tuple[int, str, str]:
@@ -430,17 +417,19 @@ def test_a_failed_push_leaves_training_running_and_the_next_push_uploads_the_lat
     assert "Trained with `python -m training.paired` for 2 steps of 3." in body2
     assert f"| l2 | {val_2:.4g} | lower |" in body2 and "Validation (step 2):" in body2
     assert json.loads(files2["training_config.json"]) == config
-    # read back as the Hub serves it: the same tensors as the local file
+    # read back as the Hub serves it (a cache laid out as huggingface_hub lays it out, offline):
+    # the same tensors as the local file
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    cache = hub_cache(tmp_path / "cache", "me/x", files)
-    path = hf_hub_download("me/x", "model.safetensors", cache_dir=cache)
-    assert Path(path).parent == cache / "models--me--x" / "snapshots" / SHA
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    snapshot = add_to_hub_cache(tmp_path / "cache", "me/x", dict(files), commit=SHA)
+    path = model_file("me/x")
+    assert path == snapshot / "model.safetensors"
     pushed, local = flat(load_checkpoint(path)), flat(load_checkpoint(run / "model.safetensors"))
     assert pushed.keys() == local.keys() and all(torch.equal(pushed[k], local[k]) for k in local)
-    # and the same image
+    # and the same image, the model named by its Hub id
     pipe = Pipeline(str(assets["base"]), device="cpu", max_models=2)
     photo = Image.open(next((assets["data"] / "test_A").iterdir())).convert("RGB")
-    from_hub = pipe.translate(photo, path, "a shape").image
+    from_hub = pipe.translate(photo, "me/x", "a shape").image
     from_disk = pipe.translate(photo, run / "model.safetensors", "a shape").image
     assert np.array_equal(np.asarray(from_hub), np.asarray(from_disk))
     assert np.asarray(from_hub).std() > 0  # an image, not a blank
