@@ -31,14 +31,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision import transforms
 
-from training.config import CommonConfig, ConfigError, add_common_arguments, config_from_args
-from training.data import PairedDataset
+from training.config import CommonConfig, ConfigError, add_common_arguments
+from training.config import parse_config as parse_into
+from training.data import PairedDataset, check_all
 from training.frozen import build_clip_similarity, build_discriminator, build_lpips
 from training.metrics import psnr
-from training.runtime import Runtime, save_grid
+from training.runtime import save_grid
 from training.state import ResumeError
 from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
-from turbo.base import BaseModel, load_base
+from turbo.base import BaseModel
 from turbo.formats import TurboCheckpoint, load_checkpoint
 from turbo.generator import Generator
 from turbo.preprocess import to_pil
@@ -52,7 +53,9 @@ INPUT_KINDS = ("auto", "canny", "sketch", "none")
 
 @dataclass
 class PairedConfig(CommonConfig):
-    """Paired-training options on top of CommonConfig; defaults are the original's."""
+    """Paired-training options on top of CommonConfig; defaults are the original's (but max_steps:
+    the original trains --num_training_epochs epochs, see docs/training.md). Checks shared with the
+    unpaired trainer (lambdas, ranks, finite numbers) are CommonConfig.validate's."""
 
     lambda_gan: float = 0.5
     lambda_lpips: float = 5.0
@@ -69,19 +72,12 @@ class PairedConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
-        for f in ("lambda_gan", "lambda_lpips", "lambda_l2", "lambda_clipsim"):
-            if getattr(self, f) < 0:
-                raise ConfigError(f"--{f.replace('_', '-')} must be 0 or more, got {getattr(self, f)}")
         if self.input not in INPUT_KINDS:
             raise ConfigError(f"--input {self.input!r} is not one of {', '.join(INPUT_KINDS)}")
         if not 0.0 <= self.eval_gamma <= 1.0:
             raise ConfigError(f"--eval-gamma must lie in [0, 1], got {self.eval_gamma}")
         if self.eval_gamma < 1 and not self.stochastic:
             raise ConfigError("--eval-gamma below 1 needs --stochastic")
-        if self.frozen_dtype not in ("auto", "fp32") and self.mixed_precision == "no":
-            raise ConfigError(
-                "--frozen-dtype fp16/bf16 needs --mixed-precision (trainable weights stay fp32)"
-            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> PairedConfig:
-    return config_from_args(PairedConfig, build_parser().parse_args(argv))
+    return parse_into(PairedConfig, build_parser(), argv)
 
 
 class PairedTrainer(Trainer):
@@ -123,37 +119,36 @@ class PairedTrainer(Trainer):
 
     kind = "paired"
 
-    def __init__(
-        self,
-        cfg: PairedConfig,
-        rt: Runtime | None = None,
-        base: BaseModel | None = None,
-        networks: dict[str, torch.nn.Module] | None = None,
-    ) -> None:
-        """base / networks ("disc", "clip", "lpips"): already built ones to use instead of loading
-        them from cfg (benchmarks build random full-size networks in memory)."""
-        super().__init__(cfg, rt)
-        rt, dev = self.rt, self.rt.device
-        self.train_set = PairedDataset(
-            cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed, batch_size=cfg.batch_size
+    def _datasets(self) -> None:
+        """The training set and the validation set, every problem of both splits at once."""
+        cfg = self.cfg
+        validate = cfg.eval_every > 0 and cfg.num_eval_samples != 0
+        if validate and not (Path(cfg.dataset) / "test_A").is_dir():
+            logger.warning("no test_A/ in %s: validation is off", cfg.dataset)
+            validate = False
+        self.train_set, self.val_set = check_all(
+            lambda: PairedDataset(
+                cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed, batch_size=cfg.batch_size
+            ),
+            lambda: PairedDataset(cfg.dataset, "test", cfg.test_image_prep, seed=cfg.seed)
+            if validate
+            else None,
         )
-        self.val_set = None
-        if cfg.eval_every > 0 and cfg.num_eval_samples != 0:
-            if (Path(cfg.dataset) / "test_A").is_dir():
-                self.val_set = PairedDataset(cfg.dataset, "test", cfg.test_image_prep, seed=cfg.seed)
-            else:
-                logger.warning("no test_A/ in %s: validation is off", cfg.dataset)
+
+    def _build(self, base: BaseModel | None, networks: dict[str, torch.nn.Module]) -> None:
+        """networks: "disc", "clip", "lpips" (see Trainer)."""
+        cfg, rt, dev = self.cfg, self.rt, self.rt.device
         init = self._read_init()  # before the base loads: a bad --init-from fails in seconds
-        self.base = base or load_base(cfg.base, device=dev, dtype=rt.frozen_dtype)
+        self.base = self._load_base(base)
         self.gen = Generator(self.base)
         self._add_model(init)
         self.params = self.gen.trainable_parameters(MODEL)
         self._prepare_trainable()
-        nets = networks or {}
+        nets = networks
         self.disc = self.clip = None
         if cfg.lambda_gan > 0:
             self.disc = nets.get("disc") or build_discriminator(cfg.disc_backbone, cfg.gan_loss_type, dev)
-        self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev)
+        self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev, cfg.lpips_vgg)
         if cfg.lambda_clipsim > 0:
             self.clip = nets.get("clip") or build_clip_similarity(cfg.clip_model, dev)
         opt_g = self._adamw(self.params)
@@ -171,7 +166,6 @@ class PairedTrainer(Trainer):
         self._setup_data(self.train_set)
         self.prompt = cfg.default_prompt or self.train_set.prompts[self.train_set.names[0]]
         self.input_kind = cfg.input if cfg.input != "auto" else ("sketch" if cfg.stochastic else "canny")
-        self._start()  # resume; from here on each process draws its own noise, gamma and augmentations
 
     # -- model -------------------------------------------------------------------------------------
 

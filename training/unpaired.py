@@ -36,15 +36,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.config import CommonConfig, ConfigError, add_common_arguments, config_from_args
-from training.data import UnpairedDataset
+from training.config import CommonConfig, ConfigError, add_common_arguments
+from training.config import parse_config as parse_into
+from training.data import UnpairedDataset, check_all, check_unpaired_dataset
 from training.dino_structure import DINO_HUB_ID
 from training.discriminator import CLIPDiscriminator
 from training.evaluate import EvalResult, Evaluator, build_metrics, write_report
 from training.frozen import build_discriminator, build_lpips
-from training.runtime import Runtime, save_grid
+from training.runtime import save_grid
 from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
-from turbo.base import BaseModel, load_base
+from turbo.base import BaseModel
 from turbo.formats import TurboCheckpoint
 from turbo.generator import Generator
 from turbo.preprocess import to_model_input
@@ -61,9 +62,14 @@ __all__ = ["UnpairedConfig", "UnpairedTrainer", "TrainResult", "train", "main"]
 
 @dataclass
 class UnpairedConfig(CommonConfig):
-    """Unpaired-training options on top of CommonConfig; defaults are the original's."""
+    """Unpaired-training options on top of CommonConfig. The defaults are the original's horse2zebra
+    recipe (the command in its README), which sets most of them on the command line: its argparse
+    has no default for some (max steps) and paired-training ones for others. Checks shared with the
+    paired trainer (lambdas, ranks, finite numbers) are CommonConfig.validate's."""
 
-    # the original's unpaired defaults where they differ from the shared (paired) ones
+    network_fields = (*CommonConfig.network_fields, "dino_model")
+
+    # the recipe's values where they differ from the shared (paired) ones
     train_image_prep: str = "resize_286_randomcrop_256x256_hflip"
     test_image_prep: str = "no_resize"
     batch_size: int = 1
@@ -86,15 +92,8 @@ class UnpairedConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
-        for f in ("lambda_gan", "lambda_idt", "lambda_cycle", "lambda_cycle_lpips", "lambda_idt_lpips"):
-            if getattr(self, f) < 0:
-                raise ConfigError(f"--{f.replace('_', '-')} must be 0 or more, got {getattr(self, f)}")
-        if self.rank_unet < 1 or self.rank_vae < 1:
-            raise ConfigError(f"LoRA ranks must be at least 1, got {self.rank_unet}/{self.rank_vae}")
-        if self.frozen_dtype not in ("auto", "fp32") and self.mixed_precision == "no":
-            raise ConfigError(
-                "--frozen-dtype fp16/bf16 needs --mixed-precision (trainable weights stay fp32)"
-            )
+        if self.fid_weights is not None and not Path(self.fid_weights).expanduser().is_file():
+            raise ConfigError(f"--fid-weights {self.fid_weights}: no such file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> UnpairedConfig:
-    return config_from_args(UnpairedConfig, build_parser().parse_args(argv))
+    return parse_into(UnpairedConfig, build_parser(), argv)
 
 
 class UnpairedTrainer(Trainer):
@@ -138,21 +137,29 @@ class UnpairedTrainer(Trainer):
 
     kind = "unpaired"
 
-    def __init__(
-        self,
-        cfg: UnpairedConfig,
-        rt: Runtime | None = None,
-        base: BaseModel | None = None,
-        networks: dict[str, torch.nn.Module] | None = None,
-    ) -> None:
-        """base / networks ("disc_a", "disc_b", "lpips"): already built ones to use instead of loading
-        them from cfg (benchmarks build random full-size networks in memory)."""
-        super().__init__(cfg, rt)
-        rt, dev = self.rt, self.rt.device
-        self.train_set = UnpairedDataset(
-            cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed, batch_size=cfg.batch_size
+    def _datasets(self) -> None:
+        """The training set; the test split (both domains) too when validation will read it: every
+        problem of every split at once."""
+        cfg = self.cfg
+        root = Path(cfg.dataset)
+        validate = cfg.eval_every > 0 and cfg.num_eval_samples != 0
+        if validate and not ((root / "test_A").is_dir() and (root / "test_B").is_dir()):
+            logger.warning("no test_A/ or test_B/ in %s: validation is off", cfg.dataset)
+            validate = False
+        self.validate_on_test = validate
+        self.train_set, _ = check_all(
+            lambda: UnpairedDataset(
+                cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed, batch_size=cfg.batch_size
+            ),
+            lambda: check_unpaired_dataset(cfg.dataset, "test", cfg.test_image_prep, captions=False)
+            if validate
+            else None,
         )
-        self.base = base or load_base(cfg.base, device=dev, dtype=rt.frozen_dtype)
+
+    def _build(self, base: BaseModel | None, networks: dict[str, torch.nn.Module]) -> None:
+        """networks: "disc_a", "disc_b", "lpips" (see Trainer)."""
+        cfg, rt, dev = self.cfg, self.rt, self.rt.device
+        self.base = self._load_base(base)
         # The captions are fixed: encode them once and free the text encoder.
         self.captions = {"a": self.train_set.caption_src, "b": self.train_set.caption_tgt}
         self.emb = {
@@ -167,14 +174,14 @@ class UnpairedTrainer(Trainer):
         self.gen.new_model(MODEL, "unpaired", rank_unet=cfg.rank_unet, rank_vae=cfg.rank_vae)
         self.params = self.gen.trainable_parameters(MODEL)
         self._prepare_trainable()
-        nets = networks or {}
+        nets = networks
         disc_a = nets.get("disc_a") or build_discriminator(cfg.disc_backbone, cfg.gan_loss_type, dev)
         # Both discriminators share one frozen CLIP tower (only their heads differ), stored in the
         # frozen dtype: one ViT-B/32 in memory instead of two.
         disc_a.backbone.to(dtype=rt.frozen_dtype)
         disc_b = nets.get("disc_b") or CLIPDiscriminator(disc_a.backbone, loss_type=cfg.gan_loss_type)
         self.disc = {"a": disc_a, "b": disc_b.to(dev).train()}
-        self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev)
+        self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev, cfg.lpips_vgg)
         opt_g = self._adamw(self.params)
         opt_d = self._adamw(self.disc["a"].trainable_parameters() + self.disc["b"].trainable_parameters())
         self.sched_g = self._schedule(opt_g, GEN_UPDATES_PER_STEP)
@@ -189,7 +196,6 @@ class UnpairedTrainer(Trainer):
         if rt.is_main and cfg.eval_every > 0 and cfg.num_eval_samples != 0:
             self._build_evaluators()
         rt.barrier()
-        self._start()  # resume; from here on, each process its own augmentations
 
     # -- model -------------------------------------------------------------------------------------
 
@@ -312,8 +318,7 @@ class UnpairedTrainer(Trainer):
 
     def _build_evaluators(self) -> None:
         cfg = self.cfg
-        if not (Path(cfg.dataset) / "test_A").is_dir() or not (Path(cfg.dataset) / "test_B").is_dir():
-            logger.warning("no test_A/ or test_B/ in %s: validation is off", cfg.dataset)
+        if not self.validate_on_test:
             return
         fid, dino = build_metrics(not cfg.track_fid, not cfg.track_dino, cfg.dino_model, cfg.fid_weights,
                                   self.rt.device)  # fmt: skip
