@@ -343,3 +343,43 @@ def test_a_failing_validation_keeps_its_steps_checkpoint_and_resume_guards(asset
     )  # fmt: skip
     with pytest.raises(ResumeError, match="a paired training checkpoint, and this is unpaired training"):
         train_unpaired(unpaired)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-grad-norm", "-1"], "--max-grad-norm must be positive, got -1.0"),
+        (["--max-grad-norm", "0"], "--max-grad-norm must be positive, got 0.0"),
+        (["--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["--lr", "-1e-3"], "--lr must be positive, got -0.001"),
+        (["--lr-power", "-inf"], "--lr-power must be a finite number, got -inf"),
+        (["--rank-unet", "0"], "--rank-unet (a LoRA rank) must be at least 1, got 0"),
+        (["--rank-vae", "-2"], "--rank-vae (a LoRA rank) must be at least 1, got -2"),
+        (["--lambda-gan", "-1e-2"], "--lambda-gan must be 0 or more, got -0.01"),
+        (["--adam-beta2", "1"], "--adam-beta2 must lie in [0, 1), got 1.0"),
+        (["--adam-epsilon", "0"], "--adam-epsilon must be positive, got 0.0"),
+        (["--weight-decay", "-1e-2"], "--weight-decay must be 0 or more, got -0.01"),
+        (["--seed", "-1"], "--seed must lie in [0, 2**31), got -1"),
+        (["--lr-warmup-steps", "-5"], "--lr-warmup-steps must be 0 or more, got -5"),
+    ],
+)
+def test_every_numeric_flag_is_checked_alike_in_both_trainers_before_anything_loads(tmp_path, flags, message):
+    from training.paired import parse_config as parse_paired
+    from training.unpaired import parse_config as parse_unpaired
+
+    required = ["--dataset", str(tmp_path / "no_data"), "--output", str(tmp_path / "out")]
+    for parse in (parse_paired, parse_unpaired):
+        with pytest.raises(ConfigError) as e:
+            parse([*required, *flags])
+        assert str(e.value) == message
+    # a negative value right after its flag is a value, not another flag; `=` works as before
+    assert parse_paired([*required, "--num-eval-samples", "-1", "--lambda-l2=2"]).lambda_l2 == 2.0
+    assert parse_unpaired([*required, "--adam-beta1", "0.5"]).adam_beta1 == 0.5
+
+
+def test_network_flags_given_as_paths_must_exist(assets, tmp_path, capsys):
+    for flag, value in (("--clip-model", tmp_path / "no_clip"), ("--disc-backbone", "./nowhere/clip")):
+        assert main([*argv(config(assets, tmp_path / "out")), flag, str(value)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} {value}: the folder does not exist (pass a folder saved")
+    assert not (tmp_path / "out" / "checkpoints").exists()

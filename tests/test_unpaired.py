@@ -305,7 +305,11 @@ def test_cli_defaults_are_the_originals_validation_and_recipe():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--dino-model", "{tmp}/no_dino_here"], "DINO model folder {tmp}/no_dino_here does not exist"),
+        (["--dino-model", "{tmp}/no_dino"], "--dino-model {tmp}/no_dino: the folder does not exist"),
+        (["--disc-backbone", "{tmp}/no_clip"], "--disc-backbone {tmp}/no_clip: the folder does not exist"),
+        (["--lpips-vgg", "{tmp}/vgg16.pth"], "--lpips-vgg {tmp}/vgg16.pth: no such file (a torchvision"),
+        (["--lpips-vgg", "{tmp}/garbage.pt"], "LPIPS VGG trunk from --lpips-vgg {tmp}/garbage.pt"),
+        (["--lpips-vgg", "{tmp}/other.pt"], "not a VGG-16 state dict: 26 of the 26 trunk tensors are"),
         (["--track-fid", "--fid-weights", "{tmp}/other.pt"], "not the FID Inception weights ("),
         (["--track-fid", "--fid-weights", "{tmp}/garbage.pt"], "garbage.pt: cannot read it ("),
     ],

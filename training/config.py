@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from turbo.base import DEFAULT_BASE
 from turbo.errors import TurboError
@@ -80,7 +80,7 @@ class CommonConfig:
     tracker_project: str = "turbo"
 
     # fields that name a local file or folder when they are not a hub id (see `check_network_source`)
-    network_fields = ("base", "clip_model", "disc_backbone")
+    network_fields: ClassVar[tuple[str, ...]] = ("base", "disc_backbone")
 
     def validate(self) -> None:
         """Raise ConfigError on the first bad value; nothing is loaded.
@@ -161,8 +161,8 @@ def check_network_source(flag: str, source: str | None) -> None:
         return
     if looks_like_path(source):
         raise ConfigError(
-            f"{flag} {source}: no such folder (pass a folder saved with save_pretrained, or a hub id; "
-            'offline, see docs/training.md, "Training offline")'
+            f"{flag} {source}: the folder does not exist (pass a folder saved with save_pretrained, or a "
+            'hub id; offline, see docs/training.md, "Training offline")'
         )
 
 

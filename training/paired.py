@@ -57,6 +57,8 @@ class PairedConfig(CommonConfig):
     the original trains --num_training_epochs epochs, see docs/training.md). Checks shared with the
     unpaired trainer (lambdas, ranks, finite numbers) are CommonConfig.validate's."""
 
+    network_fields = (*CommonConfig.network_fields, "clip_model")
+
     lambda_gan: float = 0.5
     lambda_lpips: float = 5.0
     lambda_l2: float = 1.0
