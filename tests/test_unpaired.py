@@ -27,7 +27,7 @@ from training_assets import (
 
 from training.config import ConfigError
 from training.evaluate import Evaluator
-from training.state import load_state, resolve_checkpoint
+from training.state import ResumeError, load_state, resolve_checkpoint
 from training.unpaired import UnpairedConfig, UnpairedTrainer, main, train
 from turbo.formats import load_checkpoint
 from turbo.pipeline import Pipeline
@@ -326,3 +326,53 @@ def test_wrong_metric_networks_are_one_line(assets, tmp_path, capsys, flags, mes
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and message.format(tmp=tmp_path) in err
     assert not (tmp_path / "run" / "checkpoints").exists()  # it stopped before training
+
+
+def test_first_and_skip_conv_lora_get_two_adamw_updates_as_in_the_originals_optimizer(assets, tmp_path):
+    """The original lists these LoRA weights twice; torch's for-loop AdamW given that list is the
+    reference for one step."""
+    import warnings
+
+    from turbo import lora
+
+    cfg = config(assets, tmp_path / "run", weight_decay=0.1)
+    trainer = UnpairedTrainer(cfg)
+    try:
+        gen, m = trainer.gen, trainer.gen.models["train"]
+        names = {id(p): n for n, p in gen.named_parameters()}
+        twice = trainer.listed_twice()
+        assert len(twice) == 2 + 2 * 4 * 2  # conv_in's LoRA A/B; per direction four skip convs' A/B
+        assert all(("conv_in" in names[id(p)] or "skip_conv" in names[id(p)]) and "lora_" in names[id(p)]
+                   for p in twice)  # fmt: skip
+        # the original's list: every LoRA weight, then conv_in's and the skip convs' own parameters
+        original = lora.lora_parameters(gen.unet, m.id) + list(gen.unet.conv_in.trained[m.id].parameters())
+        for d in m.directions:
+            skips = gen.vae.skips[m.vae_id(d)]
+            original += lora.lora_parameters(gen.vae, m.vae_id(d))
+            original += [p for i in range(len(skips.names)) for p in skips[i].parameters()]
+        copies = {id(p): torch.nn.Parameter(p.detach().clone()) for p in original}
+        g = torch.Generator().manual_seed(0)
+        for p in trainer.params:
+            p.grad = torch.randn(p.shape, generator=g)
+            copies[id(p)].grad = p.grad.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the duplicates, which is the point
+            reference = torch.optim.AdamW(
+                [copies[id(p)] for p in original], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon, foreach=False,
+            )  # fmt: skip
+        before = {id(p): p.detach().clone() for p in trainer.params}
+        for _ in range(2):
+            trainer.opt_g.step()
+            reference.step()
+        for p in trainer.params:
+            assert torch.equal(p.detach(), copies[id(p)].detach()), names[id(p)]
+        moved = {id(p): (p.detach() - before[id(p)]).abs().max().item() for p in trainer.params}
+        once = [moved[id(p)] for p in trainer.params if all(p is not q for q in twice)]
+        assert min(moved[id(p)] for p in twice) > 1.5 * max(once)  # two updates against one
+    finally:
+        trainer.rt.close()
+    assert UnpairedConfig("d", "o").double_conv_updates  # the original's optimizer by default
+    train(config(assets, tmp_path / "run2", checkpoint_every=1, max_steps=1))
+    with pytest.raises(ResumeError, match="saved with --double-conv-updates, which sets up another"):
+        train(config(assets, tmp_path / "run2", max_steps=2, resume="latest", double_conv_updates=False))

@@ -23,6 +23,7 @@ from diffusers.optimization import get_scheduler
 
 from training.base_identity import base_identity, config_difference, describe_source, weights_differ
 from training.config import CommonConfig, ConfigError
+from training.optimizer import RepeatedAdamW
 from training.runtime import Runtime
 from training.sampler import Position, ResumableBatchSampler, batches
 from training.state import (
@@ -150,8 +151,9 @@ class Trainer:
             self.gen.vae.gradient_checkpointing = True
 
     def _adamw(self, params) -> torch.optim.AdamW:
+        """AdamW with the run's options over params (tensors, or groups; see RepeatedAdamW)."""
         cfg = self.cfg
-        return torch.optim.AdamW(
+        return RepeatedAdamW(
             params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
             eps=cfg.adam_epsilon,
         )  # fmt: skip

@@ -44,7 +44,9 @@ from training.discriminator import CLIPDiscriminator
 from training.evaluate import EvalResult, Evaluator, build_metrics, write_report
 from training.frozen import build_discriminator, build_lpips
 from training.runtime import save_grid
+from training.state import ResumeError
 from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
+from turbo import lora
 from turbo.base import BaseModel
 from turbo.formats import TurboCheckpoint
 from turbo.generator import Generator
@@ -86,6 +88,7 @@ class UnpairedConfig(CommonConfig):
     gan_loss_type: str = "multilevel_sigmoid"
     rank_unet: int = 128
     rank_vae: int = 4
+    double_conv_updates: bool = True  # the original's optimizer lists these LoRA weights twice
     dino_model: str = DINO_HUB_ID
     track_dino: bool = True
     fid_weights: str | None = None
@@ -117,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--rank-unet", type=int, default=d.rank_unet)
     g.add_argument("--rank-vae", type=int, default=d.rank_vae)
+    g.add_argument(
+        "--double-conv-updates", action=argparse.BooleanOptionalAction, default=d.double_conv_updates,
+        help="two AdamW updates per step for the first conv's and skip convs' LoRA weights, as the "
+        "original's optimizer, which lists them twice, gives them",
+    )  # fmt: skip
     g = p.add_argument_group("unpaired validation (test_A/test_B, both directions)")
     g.add_argument("--dino-model", default=d.dino_model, help="DINO ViT for the structure distance")
     g.add_argument(
@@ -174,6 +182,9 @@ class UnpairedTrainer(Trainer):
         self.gen.new_model(MODEL, "unpaired", rank_unet=cfg.rank_unet, rank_vae=cfg.rank_vae)
         self.params = self.gen.trainable_parameters(MODEL)
         self._prepare_trainable()
+        twice = self.listed_twice() if cfg.double_conv_updates else []
+        # clipped as the original clips its list: the norm counts these twice
+        self.clip_params = self.params + twice
         nets = networks
         disc_a = nets.get("disc_a") or build_discriminator(cfg.disc_backbone, cfg.gan_loss_type, dev)
         # Both discriminators share one frozen CLIP tower (only their heads differ), stored in the
@@ -182,7 +193,9 @@ class UnpairedTrainer(Trainer):
         disc_b = nets.get("disc_b") or CLIPDiscriminator(disc_a.backbone, loss_type=cfg.gan_loss_type)
         self.disc = {"a": disc_a, "b": disc_b.to(dev).train()}
         self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev, cfg.lpips_vgg)
-        opt_g = self._adamw(self.params)
+        twice_ids = {id(p) for p in twice}
+        once = [p for p in self.params if id(p) not in twice_ids]
+        opt_g = self._adamw([{"params": once}] + ([{"params": twice, "updates": 2}] if twice else []))
         opt_d = self._adamw(self.disc["a"].trainable_parameters() + self.disc["b"].trainable_parameters())
         self.sched_g = self._schedule(opt_g, GEN_UPDATES_PER_STEP)
         self.sched_d = self._schedule(opt_d, DISC_UPDATES_PER_STEP)
@@ -207,6 +220,26 @@ class UnpairedTrainer(Trainer):
         )  # fmt: skip
         return as_fp32(ckpt)
 
+    def listed_twice(self) -> list[torch.nn.Parameter]:
+        """The trainable weights the original's optimizer list holds twice: its `get_traininable_params`
+        adds every LoRA weight, then the first conv's and each skip conv's parameters, which include
+        those convs' LoRA weights again."""
+        m = self.gen.models[MODEL]
+        lora_weights = lora.lora_parameters(self.gen.unet, m.id)
+        convs = list(self.gen.unet.conv_in.trained[m.id].parameters())
+        for d in m.directions:
+            lora_weights += lora.lora_parameters(self.gen.vae, m.vae_id(d))
+            skips = self.gen.vae.skips[m.vae_id(d)]
+            convs += [p for i in range(len(skips.names)) for p in skips[i].parameters()]
+        in_lora = {id(p) for p in lora_weights}
+        trainable = {id(p) for p in self.params}
+        twice, seen = [], set()
+        for p in convs:
+            if id(p) in in_lora and id(p) in trainable and id(p) not in seen:
+                seen.add(id(p))
+                twice.append(p)
+        return twice
+
     def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> the other domain, with the model being trained."""
         with self.rt.autocast():
@@ -223,6 +256,12 @@ class UnpairedTrainer(Trainer):
             "opt_d": self.opt_d.state_dict(),
             "sched_d": self.sched_d.state_dict(),
         }
+
+    def _check_state(self, folder: Path, state: dict, saved_cfg: dict) -> None:
+        saved = bool(saved_cfg.get("double_conv_updates", False))  # older runs updated them once
+        if saved != self.cfg.double_conv_updates:
+            flag = "--double-conv-updates" if saved else "--no-double-conv-updates"
+            raise ResumeError(f"{folder}: saved with {flag}, which sets up another optimizer; resume with it")
 
     def _load_extra_state(self, folder: Path, state: dict) -> None:
         for d in DOMAINS:
@@ -250,7 +289,7 @@ class UnpairedTrainer(Trainer):
         return loss
 
     def _gen_update(self) -> None:
-        self.rt.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.rt.accelerator.clip_grad_norm_(self.clip_params, self.cfg.max_grad_norm)
         self.opt_g.step()
         self.sched_g.step()
         self.opt_g.zero_grad(set_to_none=True)
