@@ -383,3 +383,108 @@ def test_network_flags_given_as_paths_must_exist(assets, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(f"error: {flag} {value}: the folder does not exist (pass a folder saved")
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_sigkill_at_a_checkpoint_write_resumes_bit_equal_and_redoes_the_lost_validation(assets, tmp_path):
+    """A real SIGKILL of a training process: step 2's checkpoint folder is in place, `latest` not yet
+    written, its validation not done. Resuming redoes that validation, sweeps the temp files a kill
+    leaves, and ends where an uninterrupted run ends, bit for bit (weights, discriminator, metrics)."""
+    import os
+    import subprocess
+    import sys
+
+    from training_assets import REPO
+
+    from training.state import KILL_AT_CHECKPOINT_ENV
+
+    common = dict(stochastic=True, checkpoint_every=2, max_steps=4, eval_every=2, log_every=1)
+    straight = train(config(assets, tmp_path / "straight", **common, publish_to=str(tmp_path / "pub0")))
+    run, pub = tmp_path / "killed", tmp_path / "pub"
+    cfg = config(assets, run, **common, publish_to=str(pub), name="m")
+    env = os.environ | {KILL_AT_CHECKPOINT_ENV: "2", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "training.paired", *argv(cfg)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]  # killed, not exited
+    root = run / "checkpoints"
+    assert (root / "step_00000002").is_dir() and not (root / "latest").exists()
+    assert [r["step"] for r in _rows(run) if "val/l2" in r] == [0]  # step 2's validation never ran
+    stale = [root / ".latest.4242.tmp", run / ".model.safetensors.abc123.tmp", pub / ".m.safetensors.x1.tmp"]
+    pub.mkdir()
+    for path in stale:
+        path.write_bytes(b"")
+    resumed = train(config(assets, run, **common, publish_to=str(pub), name="m", resume="latest"))
+    assert not any(p.exists() for p in stale)
+    assert max_diff(flat(straight.checkpoint), flat(resumed.checkpoint)) == 0.0
+    s_state, _ = load_state(resolve_checkpoint("latest", tmp_path / "straight"))
+    r_state, _ = load_state(resolve_checkpoint("latest", run))
+    assert max_diff(s_state["discriminator"], r_state["discriminator"]) == 0.0
+    assert _rows(run) == _rows(tmp_path / "straight")  # step 2's validation redone, no duplicate rows
+    assert (run / "eval" / "step_00000002.png").is_file() and resumed.metrics == straight.metrics
+
+
+def test_resuming_an_earlier_checkpoint_replaces_the_later_metrics_rows(assets, tmp_path):
+    light = dict(lambda_gan=0, lambda_clipsim=0, lambda_lpips=0, checkpoint_every=1, max_steps=3,
+                 eval_every=2, log_every=1)  # fmt: skip
+    train(config(assets, tmp_path / "straight", **light))
+    run = tmp_path / "run"
+    train(config(assets, run, **light))
+    train(config(assets, run, **light, resume=str(run / "checkpoints" / "step_00000001")))
+    steps = [(r["step"], "val/l2" in r) for r in _rows(run)]
+    assert steps == [(0, True), (1, False), (2, False), (2, True), (3, False), (3, True)]
+    assert _rows(run) == _rows(tmp_path / "straight")
+
+
+def test_resume_errors_known_from_the_files_come_before_anything_loads(assets, tmp_path, monkeypatch):
+    light = dict(lambda_gan=0, lambda_clipsim=0, checkpoint_every=1, max_steps=1)
+    run = tmp_path / "run"
+    train(config(assets, run, **light))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr("training.trainer.load_base", no_load)
+    for resume, message in (
+        (str(tmp_path / "nowhere"), "nowhere: no such folder"),
+        (str(tmp_path), "no complete checkpoint in"),
+    ):
+        with pytest.raises(ResumeError, match=message):
+            PairedTrainer(config(assets, run, resume=resume, **(light | {"max_steps": 2})))
+    with pytest.raises(ResumeError, match="saved without --stochastic"):
+        PairedTrainer(config(assets, run, resume="latest", stochastic=True, **(light | {"max_steps": 2})))
+    other = make_tiny_base(tmp_path / "other_base", seed=1)
+    with pytest.raises(ResumeError) as e:
+        PairedTrainer(config(assets, run, resume="latest", base=str(other), **(light | {"max_steps": 2})))
+    folder = run / "checkpoints" / "step_00000001"
+    assert str(e.value) == (
+        f"{folder}: trained on the base {assets['base'].resolve()}, and --base is {other.resolve()}; "
+        "resume with that base, or add --allow-other-base to continue on this one"
+    )
+
+
+def test_resume_refuses_a_base_with_other_config_or_weights_unless_allowed(assets, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(assets["base"], base)
+    light = dict(lambda_gan=0, lambda_clipsim=0, checkpoint_every=1, max_steps=1, base=str(base))
+    run = tmp_path / "run"
+    train(config(assets, run, **light))
+    vae_config = base / "vae" / "config.json"
+    original = vae_config.read_text()
+    vae_config.write_text(json.dumps(json.loads(original) | {"scaling_factor": 0.5}))
+    again = light | {"max_steps": 2, "resume": "latest"}
+    with pytest.raises(
+        ResumeError, match=r"config: vae scaling_factor 0\.18215 vs 0\.5; resume with that base"
+    ):
+        train(config(assets, run, **again))
+    vae_config.write_text(original)
+    # same folder, same config, other weights (another seed's VAE of the same shapes)
+    shutil.rmtree(base / "vae")
+    shutil.copytree(make_tiny_base(tmp_path / "seed1", seed=1) / "vae", base / "vae")
+    with pytest.raises(ResumeError, match="other weights; resume with that base, or add --allow-other-base"):
+        train(config(assets, run, **again))
+    assert train(config(assets, run, **again, allow_other_base=True)).step == 2
