@@ -376,3 +376,24 @@ def test_first_and_skip_conv_lora_get_two_adamw_updates_as_in_the_originals_opti
     train(config(assets, tmp_path / "run2", checkpoint_every=1, max_steps=1))
     with pytest.raises(ResumeError, match="saved with --double-conv-updates, which sets up another"):
         train(config(assets, tmp_path / "run2", max_steps=2, resume="latest", double_conv_updates=False))
+
+
+def test_every_split_is_checked_before_the_base_loads_and_every_problem_listed(assets, tmp_path, capsys):
+    data = make_domains_dataset(tmp_path / "data", n_train=(2, 2), n_test=(1, 10))
+    (data / "train_B" / "b000.png").write_bytes(b"not a png")
+    (data / "test_A" / "a000.png").write_bytes(b"\x89PNG broken")
+    (data / "test_B" / "b009.png").unlink()
+    (data / "test_B" / "b009.jpg").write_text("a text file named like an image")
+    argv = ["--dataset", str(data), "--output", str(tmp_path / "out"), "--base", str(tmp_path / "no_base"),
+            "--cpu", "--report-to", "none", "--disc-backbone", str(assets["clip"])]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    # the base does not exist either, and is reported first: it is an option
+    assert "--base" in err and "the folder does not exist" in err
+    assert main([*argv[:5], str(assets["base"]), *argv[6:]]) == 2
+    err = capsys.readouterr().err
+    assert f"unpaired dataset {data}, split 'train': 1 problem(s)" in err
+    assert f"unpaired dataset {data}, split 'test': 2 problem(s)" in err
+    for name in ("train_B/b000.png", "test_A/a000.png", "test_B/b009.jpg"):
+        assert name in err
+    assert not (tmp_path / "out" / "checkpoints").exists()
