@@ -95,7 +95,7 @@ def test_fid_validation_scores_this_steps_images_resized_as_the_original(assets,
         return compute(source, transform)
 
     extractor.compute_stats = spy
-    monkeypatch.setattr(fid, "FIDExtractor", lambda **kwargs: extractor)
+    monkeypatch.setattr("training.evaluate.fid_extractor", lambda weights, device: extractor)
     stale = tmp_path / "run" / "eval" / "fid_00000000"
     stale.mkdir(parents=True)
     Image.new("RGB", (32, 32)).save(stale / "val_00099.png")

@@ -75,6 +75,7 @@ class CommonConfig:
     eval_batch_size: int = 4
     num_grid: int = 4
     track_fid: bool = False
+    fid_weights: str | None = None  # a FID Inception state dict file: no download
     log_every: int = 10
     report_to: str = "tensorboard"
     tracker_project: str = "turbo"
@@ -139,6 +140,8 @@ class CommonConfig:
             )
         for f in self.network_fields:
             check_network_source(_flag(f), getattr(self, f))
+        if self.fid_weights is not None and not os.path.isfile(os.path.expanduser(self.fid_weights)):
+            raise ConfigError(f"--fid-weights {self.fid_weights}: no such file")
         if self.lpips_vgg is not None and not os.path.isfile(os.path.expanduser(self.lpips_vgg)):
             raise ConfigError(
                 f"--lpips-vgg {self.lpips_vgg}: no such file (a torchvision VGG-16 state dict, see "
@@ -258,6 +261,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--track-fid",
         action="store_true",
         help="FID of the outputs against the target domain's test images (unpaired: both directions)",
+    )
+    g.add_argument(
+        "--fid-weights", default=None, help="FID Inception state dict file (default: downloaded once)"
     )
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument("--report-to", default=d.report_to, choices=REPORT_TO)

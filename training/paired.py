@@ -391,10 +391,11 @@ class PairedTrainer(Trainer):
         return metrics
 
     def _fid(self, folder: Path) -> float:
-        from training.fid import FIDExtractor, cached_stats, frechet_distance
+        from training.evaluate import fid_extractor
+        from training.fid import cached_stats, frechet_distance
 
         if not hasattr(self, "_fid_extractor"):
-            self._fid_extractor = FIDExtractor(device=self.rt.device, progress=False)
+            self._fid_extractor = fid_extractor(self.cfg.fid_weights, self.rt.device)
         ref = cached_stats(
             str(Path(self.cfg.dataset) / "test_B"),
             self._fid_extractor,

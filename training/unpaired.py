@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.config import CommonConfig, ConfigError, add_common_arguments
+from training.config import CommonConfig, add_common_arguments
 from training.config import parse_config as parse_into
 from training.data import UnpairedDataset, check_all, check_unpaired_dataset
 from training.dino_structure import DINO_HUB_ID
@@ -91,12 +91,9 @@ class UnpairedConfig(CommonConfig):
     double_conv_updates: bool = True  # the original's optimizer lists these LoRA weights twice
     dino_model: str = DINO_HUB_ID
     track_dino: bool = True
-    fid_weights: str | None = None
 
     def validate(self) -> None:
         super().validate()
-        if self.fid_weights is not None and not Path(self.fid_weights).expanduser().is_file():
-            raise ConfigError(f"--fid-weights {self.fid_weights}: no such file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--track-dino", action=argparse.BooleanOptionalAction, default=d.track_dino,
         help="DINO structure distance in validation",
     )  # fmt: skip
-    g.add_argument("--fid-weights", default=None, help="FID Inception state dict file (default: download)")
     return p
 
 
