@@ -488,3 +488,15 @@ def test_resume_refuses_a_base_with_other_config_or_weights_unless_allowed(asset
     with pytest.raises(ResumeError, match="other weights; resume with that base, or add --allow-other-base"):
         train(config(assets, run, **again))
     assert train(config(assets, run, **again, allow_other_base=True)).step == 2
+
+
+def test_resume_with_other_ranks_or_a_gan_is_refused_before_anything_loads(assets, tmp_path, monkeypatch):
+    light = dict(lambda_gan=0, lambda_clipsim=0, checkpoint_every=1, max_steps=1)
+    run = tmp_path / "run"
+    train(config(assets, run, **light))
+    monkeypatch.setattr("training.trainer.load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    again = light | {"max_steps": 2, "resume": "latest"}
+    with pytest.raises(ResumeError, match="saved with --rank-unet 8, and this run has --rank-unet 4; resume"):
+        PairedTrainer(config(assets, run, **again, rank_unet=4))
+    with pytest.raises(ResumeError, match=r"saved without a discriminator \(--lambda-gan 0\); keep it at 0"):
+        PairedTrainer(config(assets, run, **(again | {"lambda_gan": 0.5})))

@@ -34,6 +34,14 @@ def describe_source(source: str) -> str:
 
 @torch.no_grad()
 def _weights_digest(base: BaseModel) -> str:
+    """The weights' SHA-256 (hex), or "" where they hold no data (meta or fake tensors: benchmarks)."""
+    try:
+        return _digest(base)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return ""
+
+
+def _digest(base: BaseModel) -> str:
     digest = hashlib.sha256()
     for part in ("text_encoder", "unet", "vae"):
         module = getattr(base, part, None)
@@ -76,6 +84,6 @@ def config_difference(saved: dict, current: dict) -> str | None:
 
 def weights_differ(saved: dict, current: dict) -> bool | None:
     """Whether the sampled weights differ; None where they cannot be compared (other dtype, unsaved)."""
-    if "weights" not in saved or saved.get("dtype") != current["dtype"]:
+    if not saved.get("weights") or not current["weights"] or saved.get("dtype") != current["dtype"]:
         return None
     return saved["weights"] != current["weights"]

@@ -225,6 +225,8 @@ class PairedTrainer(Trainer):
         }
 
     def _check_state(self, folder: Path, state: dict, saved_cfg: dict) -> None:
+        if self.cfg.lambda_gan > 0 and "discriminator" not in state:
+            raise ResumeError(f"{folder}: saved without a discriminator (--lambda-gan 0); keep it at 0")
         saved = saved_cfg.get("stochastic")
         if saved is not None and bool(saved) != self.cfg.stochastic:
             said = "with" if saved else "without"

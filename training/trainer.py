@@ -256,6 +256,15 @@ class Trainer:
         except (TypeError, ValueError):
             saved_cfg = {}
         saved_cfg = saved_cfg if isinstance(saved_cfg, dict) else {}
+        if getattr(cfg, "init_from", None) is None:  # with --init-from the model file sets the ranks
+            for f in ("rank_unet", "rank_vae"):
+                saved = saved_cfg.get(f)
+                if saved is not None and hasattr(cfg, f) and saved != getattr(cfg, f):
+                    flag = "--" + f.replace("_", "-")
+                    raise ResumeError(
+                        f"{folder}: saved with {flag} {saved}, and this run has {flag} {getattr(cfg, f)}; "
+                        "resume with the checkpoint's LoRA ranks"
+                    )
         self._check_state(folder, state, saved_cfg)
         saved_base = state.get("base")
         if isinstance(saved_base, dict) and "source" in saved_base:
