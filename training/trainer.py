@@ -188,6 +188,7 @@ class Trainer:
         rng = None
         if self.cfg.resume:
             rng = self._resume()
+            self._resume_from = None  # the state's tensors are in the model and optimizers now
             self.rt.rewind_logs(self.step)
             # A kill between a checkpoint and its validation (or the final one) lost that validation.
             cfg = self.cfg
