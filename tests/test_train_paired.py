@@ -500,3 +500,20 @@ def test_resume_with_other_ranks_or_a_gan_is_refused_before_anything_loads(asset
         PairedTrainer(config(assets, run, **again, rank_unet=4))
     with pytest.raises(ResumeError, match=r"saved without a discriminator \(--lambda-gan 0\); keep it at 0"):
         PairedTrainer(config(assets, run, **(again | {"lambda_gan": 0.5})))
+
+
+def test_a_lost_final_validation_is_redone_on_resume(assets, tmp_path):
+    light = dict(lambda_gan=0, lambda_clipsim=0, lambda_lpips=0, checkpoint_every=0, max_steps=3,
+                 eval_every=2, log_every=1)  # fmt: skip
+    run = tmp_path / "run"
+    done = train(config(assets, run, **light))
+    rows = _rows(run)
+    assert [r["step"] for r in rows if "val/l2" in r] == [0, 2, 3]  # 3: the final validation
+    # as a kill after the final checkpoint, before its validation, leaves the run
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    (run / "eval" / "step_00000003.png").unlink()
+    again = train(config(assets, run, **light, resume="latest"))
+    assert again.step == 3 and again.metrics == done.metrics
+    assert _rows(run) == rows and (run / "eval" / "step_00000003.png").is_file()
+    train(config(assets, run, **light, resume="latest"))  # nothing due: no validation, no new row
+    assert _rows(run) == rows
