@@ -20,34 +20,30 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torchvision import transforms
 
 from training.config import CommonConfig, ConfigError, add_common_arguments
 from training.config import parse_config as parse_into
 from training.data import PairedDataset, check_all
+from training.evaluate import PairedEvaluator, fid_resize
+
+__all__ = ["PairedConfig", "PairedTrainer", "TrainResult", "fid_resize", "train", "main"]
 from training.frozen import build_clip_similarity, build_discriminator, build_lpips
-from training.metrics import psnr
 from training.runtime import save_grid
 from training.state import ResumeError
 from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
 from turbo.base import BaseModel
 from turbo.formats import TurboCheckpoint, load_checkpoint
 from turbo.generator import Generator
-from turbo.preprocess import to_pil
 
 logger = logging.getLogger(__name__)
 
 MODEL = "train"  # the name of the model being trained inside the Generator
-FID_SHORT_SIDE = 512  # the original's --resolution default
 INPUT_KINDS = ("auto", "canny", "sketch", "none")
 
 
@@ -168,6 +164,7 @@ class PairedTrainer(Trainer):
         self._setup_data(self.train_set)
         self.prompt = cfg.default_prompt or self.train_set.prompts[self.train_set.names[0]]
         self.input_kind = cfg.input if cfg.input != "auto" else ("sketch" if cfg.stochastic else "canny")
+        self.evaluator: PairedEvaluator | None = None  # built at the first validation
 
     # -- model -------------------------------------------------------------------------------------
 
@@ -344,75 +341,30 @@ class PairedTrainer(Trainer):
         return metrics
 
     def _evaluate_main(self) -> dict[str, float]:
-        cfg, dev = self.cfg, self.rt.device
-        count = len(self.val_set)
-        if cfg.num_eval_samples >= 0:
-            count = min(cfg.num_eval_samples, count)
-        bs = 1 if cfg.test_image_prep == "no_resize" else cfg.eval_batch_size
-        subset = torch.utils.data.Subset(self.val_set, range(count))
-        loader = torch.utils.data.DataLoader(subset, batch_size=bs, shuffle=False, num_workers=0)
-        noise_rng = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        sums = {"val/l2": 0.0, "val/lpips": 0.0, "val/psnr": 0.0}
-        if self.clip is not None:
-            sums["val/clipsim"] = 0.0
-        rows, fid_dir, written = [], None, 0
-        if cfg.track_fid:
-            fid_dir = Path(cfg.output) / "eval" / f"fid_{self.step:08d}"
-            # a run resumed from before this step, or a reused output folder, left older images here
-            shutil.rmtree(fid_dir, ignore_errors=True)
-            fid_dir.mkdir(parents=True)
-        for batch in loader:
-            x = batch["conditioning_pixel_values"].to(dev)
-            y = batch["output_pixel_values"].to(dev)
-            emb = self.base.encode_prompt(list(batch["caption"]))
-            b, _, h, w = x.shape
-            noise = None
-            if cfg.eval_gamma < 1:
-                noise = torch.randn(b, 4, h // 8, w // 8, generator=noise_rng).to(dev)
-            with self.rt.autocast():
-                pred = self.gen(x, emb, model=MODEL, gamma=cfg.eval_gamma, noise=noise).float()
-                lp = self.lpips(pred, y.float())
-                if self.clip is not None:
-                    sums["val/clipsim"] += float(
-                        self.clip.similarity(pred, list(batch["caption"])).diagonal().sum()
-                    )
-            sums["val/l2"] += float(F.mse_loss(pred, y, reduction="none").flatten(1).mean(1).sum())
-            sums["val/lpips"] += float(lp.sum())
-            sums["val/psnr"] += float(psnr(pred, y).clamp(max=100).sum())
-            for j in range(b):
-                if len(rows) < cfg.num_grid:
-                    rows.append([x[j].cpu() * 2 - 1, pred[j].cpu(), y[j].cpu()])
-                if fid_dir is not None:
-                    to_pil(pred[j]).save(fid_dir / f"val_{written:05d}.png")
-                    written += 1
-        metrics = {k: v / count for k, v in sums.items()}
+        cfg = self.cfg
+        if self.evaluator is None:
+            fid_factory = None
+            if cfg.track_fid:
+                from training.evaluate import fid_extractor
+
+                fid_factory = lambda: fid_extractor(cfg.fid_weights, self.rt.device)  # noqa: E731
+            self.evaluator = PairedEvaluator(
+                self.val_set, self.lpips, self.clip, fid_factory, num_images=cfg.num_eval_samples,
+                batch_size=cfg.eval_batch_size, num_grid=cfg.num_grid, seed=cfg.seed,
+                fid_reference=Path(cfg.output) / "eval" / "fid_ref_512.npz",
+            )  # fmt: skip
+
+        def translate(x: torch.Tensor, emb: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+            return self.gen(x, emb, model=MODEL, gamma=cfg.eval_gamma, noise=noise).float()
+
+        eval_dir = Path(cfg.output) / "eval"
+        metrics, rows = self.evaluator.run(
+            translate, self.base.encode_prompt, self.rt.device, self.rt.autocast, cfg.eval_gamma < 1,
+            eval_dir / f"fid_{self.step:08d}" if cfg.track_fid else None,
+        )  # fmt: skip
         if rows:
-            save_grid(rows, Path(cfg.output) / "eval" / f"step_{self.step:08d}.png")
-        if fid_dir is not None:
-            metrics["val/fid"] = self._fid(fid_dir)
+            save_grid(rows, eval_dir / f"step_{self.step:08d}.png")
         return metrics
-
-    def _fid(self, folder: Path) -> float:
-        from training.evaluate import fid_extractor
-        from training.fid import cached_stats, frechet_distance
-
-        if not hasattr(self, "_fid_extractor"):
-            self._fid_extractor = fid_extractor(self.cfg.fid_weights, self.rt.device)
-        ref = cached_stats(
-            str(Path(self.cfg.dataset) / "test_B"),
-            self._fid_extractor,
-            Path(self.cfg.output) / "eval" / "fid_ref_512.npz",
-            fid_resize,
-        )
-        mu, sigma = self._fid_extractor.compute_stats(str(folder), fid_resize)
-        return frechet_distance(mu, sigma, *ref)
-
-
-def fid_resize(image: np.ndarray) -> np.ndarray:
-    """The original's FID preparation of targets and outputs alike: short side to 512 (its
-    `--resolution`), LANCZOS, before clean-fid's own resize. uint8 (H, W, 3) -> uint8 (h, w, 3)."""
-    resize = transforms.Resize(FID_SHORT_SIDE, interpolation=transforms.InterpolationMode.LANCZOS)
-    return np.asarray(resize(Image.fromarray(image)))
 
 
 def train(cfg: PairedConfig) -> TrainResult:
