@@ -155,7 +155,7 @@ def _flag(field_name: str) -> str:
 
 def looks_like_path(name: str) -> bool:
     """Whether `name` cannot be a hub id ("name" or "owner/name") and so names a local file or folder."""
-    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep in name[:1]
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
 
 
 def check_network_source(flag: str, source: str | None) -> None:
