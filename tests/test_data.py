@@ -360,3 +360,24 @@ def test_no_resize_sizes_are_those_after_the_exif_rotation(tmp_path):
     Image.fromarray(noise(32, 48, 1)).save(root / "train_A" / "a.jpg", exif=exif)
     assert PairedDataset(root, "train", "no_resize")[0]["conditioning_pixel_values"].shape == (3, 32, 48)
     check_paired_dataset(root, image_prep="no_resize")  # same size as its 48x32 partner once loaded
+
+
+def test_check_all_lists_every_problem_of_every_split(tmp_path):
+    from training.data import DatasetError, check_all, check_paired_dataset
+
+    def fails(n):
+        def check():
+            raise DatasetError(f"split {n}", [f"problem {n}.1", f"problem {n}.2"])
+
+        return check
+
+    with pytest.raises(DatasetError) as e:
+        check_all(fails(1), lambda: "fine", fails(2))
+    assert str(e.value) == "split 1\nsplit 2"
+    assert e.value.problems == ["problem 1.1", "problem 1.2", "problem 2.1", "problem 2.2"]
+    assert check_all(lambda: 1, lambda: None) == [1, None]
+    with pytest.raises(DatasetError) as e:
+        check_all(
+            lambda: check_paired_dataset(tmp_path, "train"), lambda: check_paired_dataset(tmp_path, "test")
+        )
+    assert "split 'train'" in str(e.value) and "split 'test'" in str(e.value)

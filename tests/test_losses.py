@@ -123,3 +123,23 @@ def test_clip_similarity_truncates_frozen_and_differentiable():
     assert all(not p.requires_grad and p.grad is None for p in model.parameters())
     with pytest.raises(LossInputError):
         CLIPSimilarityLoss(model)(x.detach(), ["no tokenizer"])
+
+
+def test_lpips_trunk_from_a_torchvision_vgg16_state_dict_file(tmp_path):
+    """--lpips-vgg: the offline way to LPIPS's ImageNet trunk; a whole-model or features-only dict."""
+    import torchvision
+
+    from training.frozen import FrozenNetworkError, build_lpips
+
+    torch.manual_seed(0)
+    features = torchvision.models.vgg16().features.state_dict()
+    torch.save({f"features.{k}": v for k, v in features.items()}, tmp_path / "vgg16.pth")
+    loss = build_lpips(False, torch.device("cpu"), str(tmp_path / "vgg16.pth"))
+    assert torch.equal(loss.net.net.slice4.get_submodule("21").weight, features["21.weight"])
+    torch.save(features, tmp_path / "features.pth")
+    again = build_lpips(False, torch.device("cpu"), str(tmp_path / "features.pth"))
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(loss(x, y), again(x, y)) and (loss(x, y) > 0).all()
+    torch.save({k: v for k, v in features.items() if not k.startswith("28.")}, tmp_path / "short.pth")
+    with pytest.raises(FrozenNetworkError, match=r"--lpips-vgg .*short\.pth .*2 of the 26 trunk tensors"):
+        build_lpips(False, torch.device("cpu"), str(tmp_path / "short.pth"))

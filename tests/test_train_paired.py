@@ -95,7 +95,7 @@ def test_fid_validation_scores_this_steps_images_resized_as_the_original(assets,
         return compute(source, transform)
 
     extractor.compute_stats = spy
-    monkeypatch.setattr(fid, "FIDExtractor", lambda **kwargs: extractor)
+    monkeypatch.setattr("training.evaluate.fid_extractor", lambda weights, device: extractor)
     stale = tmp_path / "run" / "eval" / "fid_00000000"
     stale.mkdir(parents=True)
     Image.new("RGB", (32, 32)).save(stale / "val_00099.png")
@@ -374,3 +374,177 @@ def test_init_from_a_hub_id_starts_from_the_same_weights_as_the_local_file(
     assert main([*argv(config(assets, tmp_path / "c")), "--init-from", "me/absent"]) == 2
     err = capsys.readouterr().err
     assert "\nerror: me/absent is not in the Hugging Face cache" in "\n" + err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-grad-norm", "-1"], "--max-grad-norm must be positive, got -1.0"),
+        (["--max-grad-norm", "0"], "--max-grad-norm must be positive, got 0.0"),
+        (["--lr", "nan"], "--lr must be a finite number, got nan"),
+        (["--lr", "-1e-3"], "--lr must be positive, got -0.001"),
+        (["--lr-power", "-inf"], "--lr-power must be a finite number, got -inf"),
+        (["--rank-unet", "0"], "--rank-unet (a LoRA rank) must be at least 1, got 0"),
+        (["--rank-vae", "-2"], "--rank-vae (a LoRA rank) must be at least 1, got -2"),
+        (["--lambda-gan", "-1e-2"], "--lambda-gan must be 0 or more, got -0.01"),
+        (["--adam-beta2", "1"], "--adam-beta2 must lie in [0, 1), got 1.0"),
+        (["--adam-epsilon", "0"], "--adam-epsilon must be positive, got 0.0"),
+        (["--weight-decay", "-1e-2"], "--weight-decay must be 0 or more, got -0.01"),
+        (["--seed", "-1"], "--seed must lie in [0, 2**31), got -1"),
+        (["--lr-warmup-steps", "-5"], "--lr-warmup-steps must be 0 or more, got -5"),
+    ],
+)
+def test_every_numeric_flag_is_checked_alike_in_both_trainers_before_anything_loads(tmp_path, flags, message):
+    from training.paired import parse_config as parse_paired
+    from training.unpaired import parse_config as parse_unpaired
+
+    required = ["--dataset", str(tmp_path / "no_data"), "--output", str(tmp_path / "out")]
+    for parse in (parse_paired, parse_unpaired):
+        with pytest.raises(ConfigError) as e:
+            parse([*required, *flags])
+        assert str(e.value) == message
+    # a negative value right after its flag is a value, not another flag; `=` works as before
+    assert parse_paired([*required, "--num-eval-samples", "-1", "--lambda-l2=2"]).lambda_l2 == 2.0
+    assert parse_unpaired([*required, "--adam-beta1", "0.5"]).adam_beta1 == 0.5
+
+
+def test_network_flags_given_as_paths_must_exist(assets, tmp_path, capsys):
+    for flag, value in (("--clip-model", tmp_path / "no_clip"), ("--disc-backbone", "./nowhere/clip")):
+        assert main([*argv(config(assets, tmp_path / "out")), flag, str(value)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {flag} {value}: the folder does not exist (pass a folder saved")
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_sigkill_at_a_checkpoint_write_resumes_bit_equal_and_redoes_the_lost_validation(assets, tmp_path):
+    """A real SIGKILL of a training process: step 2's checkpoint folder is in place, `latest` not yet
+    written, its validation not done. Resuming redoes that validation, sweeps the temp files a kill
+    leaves, and ends where an uninterrupted run ends, bit for bit (weights, discriminator, metrics)."""
+    import os
+    import subprocess
+    import sys
+
+    from training_assets import REPO
+
+    from training.state import KILL_AT_CHECKPOINT_ENV
+
+    common = dict(stochastic=True, checkpoint_every=2, max_steps=4, eval_every=2, log_every=1)
+    straight = train(config(assets, tmp_path / "straight", **common, publish_to=str(tmp_path / "pub0")))
+    run, pub = tmp_path / "killed", tmp_path / "pub"
+    cfg = config(assets, run, **common, publish_to=str(pub), name="m")
+    env = os.environ | {KILL_AT_CHECKPOINT_ENV: "2", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "training.paired", *argv(cfg)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]  # killed, not exited
+    root = run / "checkpoints"
+    assert (root / "step_00000002").is_dir() and not (root / "latest").exists()
+    assert [r["step"] for r in _rows(run) if "val/l2" in r] == [0]  # step 2's validation never ran
+    stale = [root / ".latest.4242.tmp", run / ".model.safetensors.abc123.tmp", pub / ".m.safetensors.x1.tmp"]
+    pub.mkdir()
+    for path in stale:
+        path.write_bytes(b"")
+    resumed = train(config(assets, run, **common, publish_to=str(pub), name="m", resume="latest"))
+    assert not any(p.exists() for p in stale)
+    assert max_diff(flat(straight.checkpoint), flat(resumed.checkpoint)) == 0.0
+    s_state, _ = load_state(resolve_checkpoint("latest", tmp_path / "straight"))
+    r_state, _ = load_state(resolve_checkpoint("latest", run))
+    assert max_diff(s_state["discriminator"], r_state["discriminator"]) == 0.0
+    assert _rows(run) == _rows(tmp_path / "straight")  # step 2's validation redone, no duplicate rows
+    assert (run / "eval" / "step_00000002.png").is_file() and resumed.metrics == straight.metrics
+
+
+def test_resuming_an_earlier_checkpoint_replaces_the_later_metrics_rows(assets, tmp_path):
+    light = dict(lambda_gan=0, lambda_clipsim=0, lambda_lpips=0, checkpoint_every=1, max_steps=3,
+                 eval_every=2, log_every=1)  # fmt: skip
+    train(config(assets, tmp_path / "straight", **light))
+    run = tmp_path / "run"
+    train(config(assets, run, **light))
+    train(config(assets, run, **light, resume=str(run / "checkpoints" / "step_00000001")))
+    steps = [(r["step"], "val/l2" in r) for r in _rows(run)]
+    assert steps == [(0, True), (1, False), (2, False), (2, True), (3, False), (3, True)]
+    assert _rows(run) == _rows(tmp_path / "straight")
+
+
+def test_resume_errors_known_from_the_files_come_before_anything_loads(assets, tmp_path, monkeypatch):
+    light = dict(lambda_gan=0, lambda_clipsim=0, checkpoint_every=1, max_steps=1)
+    run = tmp_path / "run"
+    train(config(assets, run, **light))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base was loaded")
+
+    monkeypatch.setattr("training.trainer.load_base", no_load)
+    for resume, message in (
+        (str(tmp_path / "nowhere"), "nowhere: no such folder"),
+        (str(tmp_path), "no complete checkpoint in"),
+    ):
+        with pytest.raises(ResumeError, match=message):
+            PairedTrainer(config(assets, run, resume=resume, **(light | {"max_steps": 2})))
+    with pytest.raises(ResumeError, match="saved without --stochastic"):
+        PairedTrainer(config(assets, run, resume="latest", stochastic=True, **(light | {"max_steps": 2})))
+    other = make_tiny_base(tmp_path / "other_base", seed=1)
+    with pytest.raises(ResumeError) as e:
+        PairedTrainer(config(assets, run, resume="latest", base=str(other), **(light | {"max_steps": 2})))
+    folder = run / "checkpoints" / "step_00000001"
+    assert str(e.value) == (
+        f"{folder}: trained on the base {assets['base'].resolve()}, and --base is {other.resolve()}; "
+        "resume with that base, or add --allow-other-base to continue on this one"
+    )
+
+
+def test_resume_refuses_a_base_with_other_config_or_weights_unless_allowed(assets, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(assets["base"], base)
+    light = dict(lambda_gan=0, lambda_clipsim=0, checkpoint_every=1, max_steps=1, base=str(base))
+    run = tmp_path / "run"
+    train(config(assets, run, **light))
+    vae_config = base / "vae" / "config.json"
+    original = vae_config.read_text()
+    vae_config.write_text(json.dumps(json.loads(original) | {"scaling_factor": 0.5}))
+    again = light | {"max_steps": 2, "resume": "latest"}
+    with pytest.raises(
+        ResumeError, match=r"config: vae scaling_factor 0\.18215 vs 0\.5; resume with that base"
+    ):
+        train(config(assets, run, **again))
+    vae_config.write_text(original)
+    # same folder, same config, other weights (another seed's VAE of the same shapes)
+    shutil.rmtree(base / "vae")
+    shutil.copytree(make_tiny_base(tmp_path / "seed1", seed=1) / "vae", base / "vae")
+    with pytest.raises(ResumeError, match="other weights; resume with that base, or add --allow-other-base"):
+        train(config(assets, run, **again))
+    assert train(config(assets, run, **again, allow_other_base=True)).step == 2
+
+
+def test_resume_with_other_ranks_or_a_gan_is_refused_before_anything_loads(assets, tmp_path, monkeypatch):
+    light = dict(lambda_gan=0, lambda_clipsim=0, checkpoint_every=1, max_steps=1)
+    run = tmp_path / "run"
+    train(config(assets, run, **light))
+    monkeypatch.setattr("training.trainer.load_base", lambda *a, **k: pytest.fail("the base was loaded"))
+    again = light | {"max_steps": 2, "resume": "latest"}
+    with pytest.raises(ResumeError, match="saved with --rank-unet 8, and this run has --rank-unet 4; resume"):
+        PairedTrainer(config(assets, run, **again, rank_unet=4))
+    with pytest.raises(ResumeError, match=r"saved without a discriminator \(--lambda-gan 0\); keep it at 0"):
+        PairedTrainer(config(assets, run, **(again | {"lambda_gan": 0.5})))
+
+
+def test_a_lost_final_validation_is_redone_on_resume(assets, tmp_path):
+    light = dict(lambda_gan=0, lambda_clipsim=0, lambda_lpips=0, checkpoint_every=0, max_steps=3,
+                 eval_every=2, log_every=1)  # fmt: skip
+    run = tmp_path / "run"
+    done = train(config(assets, run, **light))
+    rows = _rows(run)
+    assert [r["step"] for r in rows if "val/l2" in r] == [0, 2, 3]  # 3: the final validation
+    # as a kill after the final checkpoint, before its validation, leaves the run
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    (run / "eval" / "step_00000003.png").unlink()
+    again = train(config(assets, run, **light, resume="latest"))
+    assert again.step == 3 and again.metrics == done.metrics
+    assert _rows(run) == rows and (run / "eval" / "step_00000003.png").is_file()
+    train(config(assets, run, **light, resume="latest"))  # nothing due: no validation, no new row
+    assert _rows(run) == rows

@@ -27,7 +27,7 @@ from training_assets import (
 
 from training.config import ConfigError
 from training.evaluate import Evaluator
-from training.state import load_state, resolve_checkpoint
+from training.state import ResumeError, load_state, resolve_checkpoint
 from training.unpaired import UnpairedConfig, UnpairedTrainer, main, train
 from turbo.formats import load_checkpoint
 from turbo.pipeline import Pipeline
@@ -305,7 +305,11 @@ def test_cli_defaults_are_the_originals_validation_and_recipe():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--dino-model", "{tmp}/no_dino_here"], "DINO model folder {tmp}/no_dino_here does not exist"),
+        (["--dino-model", "{tmp}/no_dino"], "--dino-model {tmp}/no_dino: the folder does not exist"),
+        (["--disc-backbone", "{tmp}/no_clip"], "--disc-backbone {tmp}/no_clip: the folder does not exist"),
+        (["--lpips-vgg", "{tmp}/vgg16.pth"], "--lpips-vgg {tmp}/vgg16.pth: no such file (a torchvision"),
+        (["--lpips-vgg", "{tmp}/garbage.pt"], "LPIPS VGG trunk from --lpips-vgg {tmp}/garbage.pt"),
+        (["--lpips-vgg", "{tmp}/other.pt"], "not a VGG-16 state dict: 26 of the 26 trunk tensors are"),
         (["--track-fid", "--fid-weights", "{tmp}/other.pt"], "not the FID Inception weights ("),
         (["--track-fid", "--fid-weights", "{tmp}/garbage.pt"], "garbage.pt: cannot read it ("),
     ],
@@ -322,3 +326,74 @@ def test_wrong_metric_networks_are_one_line(assets, tmp_path, capsys, flags, mes
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and message.format(tmp=tmp_path) in err
     assert not (tmp_path / "run" / "checkpoints").exists()  # it stopped before training
+
+
+def test_first_and_skip_conv_lora_get_two_adamw_updates_as_in_the_originals_optimizer(assets, tmp_path):
+    """The original lists these LoRA weights twice; torch's for-loop AdamW given that list is the
+    reference for one step."""
+    import warnings
+
+    from turbo import lora
+
+    cfg = config(assets, tmp_path / "run", weight_decay=0.1)
+    trainer = UnpairedTrainer(cfg)
+    try:
+        gen, m = trainer.gen, trainer.gen.models["train"]
+        names = {id(p): n for n, p in gen.named_parameters()}
+        twice = trainer.listed_twice()
+        assert len(twice) == 2 + 2 * 4 * 2  # conv_in's LoRA A/B; per direction four skip convs' A/B
+        assert all(("conv_in" in names[id(p)] or "skip_conv" in names[id(p)]) and "lora_" in names[id(p)]
+                   for p in twice)  # fmt: skip
+        # the original's list: every LoRA weight, then conv_in's and the skip convs' own parameters
+        original = lora.lora_parameters(gen.unet, m.id) + list(gen.unet.conv_in.trained[m.id].parameters())
+        for d in m.directions:
+            skips = gen.vae.skips[m.vae_id(d)]
+            original += lora.lora_parameters(gen.vae, m.vae_id(d))
+            original += [p for i in range(len(skips.names)) for p in skips[i].parameters()]
+        copies = {id(p): torch.nn.Parameter(p.detach().clone()) for p in original}
+        g = torch.Generator().manual_seed(0)
+        for p in trainer.params:
+            p.grad = torch.randn(p.shape, generator=g)
+            copies[id(p)].grad = p.grad.clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the duplicates, which is the point
+            reference = torch.optim.AdamW(
+                [copies[id(p)] for p in original], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                weight_decay=cfg.weight_decay, eps=cfg.adam_epsilon, foreach=False,
+            )  # fmt: skip
+        before = {id(p): p.detach().clone() for p in trainer.params}
+        for _ in range(2):
+            trainer.opt_g.step()
+            reference.step()
+        for p in trainer.params:
+            assert torch.equal(p.detach(), copies[id(p)].detach()), names[id(p)]
+        moved = {id(p): (p.detach() - before[id(p)]).abs().max().item() for p in trainer.params}
+        once = [moved[id(p)] for p in trainer.params if all(p is not q for q in twice)]
+        assert min(moved[id(p)] for p in twice) > 1.5 * max(once)  # two updates against one
+    finally:
+        trainer.rt.close()
+    assert UnpairedConfig("d", "o").double_conv_updates  # the original's optimizer by default
+    train(config(assets, tmp_path / "run2", checkpoint_every=1, max_steps=1))
+    with pytest.raises(ResumeError, match="saved with --double-conv-updates, which sets up another"):
+        train(config(assets, tmp_path / "run2", max_steps=2, resume="latest", double_conv_updates=False))
+
+
+def test_every_split_is_checked_before_the_base_loads_and_every_problem_listed(assets, tmp_path, capsys):
+    data = make_domains_dataset(tmp_path / "data", n_train=(2, 2), n_test=(1, 10))
+    (data / "train_B" / "b000.png").write_bytes(b"not a png")
+    (data / "test_A" / "a000.png").write_bytes(b"\x89PNG broken")
+    (data / "test_B" / "b009.png").unlink()
+    (data / "test_B" / "b009.jpg").write_text("a text file named like an image")
+    argv = ["--dataset", str(data), "--output", str(tmp_path / "out"), "--base", str(tmp_path / "no_base"),
+            "--cpu", "--report-to", "none", "--disc-backbone", str(assets["clip"])]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    # the base does not exist either, and is reported first: it is an option
+    assert "--base" in err and "the folder does not exist" in err
+    assert main([*argv[:5], str(assets["base"]), *argv[6:]]) == 2
+    err = capsys.readouterr().err
+    assert f"unpaired dataset {data}, split 'train': 1 problem(s)" in err
+    assert f"unpaired dataset {data}, split 'test': 2 problem(s)" in err
+    for name in ("train_B/b000.png", "test_A/a000.png", "test_B/b009.jpg"):
+        assert name in err
+    assert not (tmp_path / "out" / "checkpoints").exists()

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 from turbo.base import DEFAULT_BASE
 from turbo.errors import TurboError
@@ -39,6 +43,8 @@ class CommonConfig:
     clip_model: str = DEFAULT_CLIP
     disc_backbone: str = DEFAULT_CLIP
     lpips_pretrained: bool = True
+    lpips_vgg: str | None = None  # a torchvision VGG-16 state dict file: LPIPS's trunk without a download
+    allow_other_base: bool = False  # resume on a base other than the checkpoint's
     train_image_prep: str = "resized_crop_512"
     test_image_prep: str = "resized_crop_512"
     batch_size: int = 4
@@ -71,6 +77,7 @@ class CommonConfig:
     eval_batch_size: int = 4
     num_grid: int = 4
     track_fid: bool = False
+    fid_weights: str | None = None  # a FID Inception state dict file: no download
     log_every: int = 10
     report_to: str = "tensorboard"
     tracker_project: str = "turbo"
@@ -81,21 +88,45 @@ class CommonConfig:
     push_license: str = DEFAULT_LICENSE
     push_dataset: str | None = None
 
+    # fields that name a local file or folder when they are not a hub id (see `check_network_source`)
+    network_fields: ClassVar[tuple[str, ...]] = ("base", "disc_backbone")
+
     def validate(self) -> None:
-        """Raise ConfigError on the first bad value."""
-        positive = ("batch_size", "max_steps", "gradient_accumulation_steps", "eval_batch_size", "log_every")
+        """Raise ConfigError on the first bad value; nothing is loaded.
+
+        Checks every trainer's fields alike: every float is finite, every `lambda_*` >= 0, every
+        `rank_*` >= 1, and every network flag given as a path names something that exists.
+        """
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{_flag(f.name)} must be a finite number, got {value}")
+            if f.name.startswith("lambda_") and value < 0:
+                raise ConfigError(f"{_flag(f.name)} must be 0 or more, got {value}")
+            if f.name.startswith("rank_") and value < 1:
+                raise ConfigError(f"{_flag(f.name)} (a LoRA rank) must be at least 1, got {value}")
+        positive = ("batch_size", "max_steps", "gradient_accumulation_steps", "eval_batch_size", "log_every",
+                    "lr_num_cycles")  # fmt: skip
         for f in positive:
             if getattr(self, f) < 1:
-                raise ConfigError(f"--{f.replace('_', '-')} must be at least 1, got {getattr(self, f)}")
-        for f in ("checkpoint_every", "keep_last", "eval_every", "num_grid", "num_workers"):
+                raise ConfigError(f"{_flag(f)} must be at least 1, got {getattr(self, f)}")
+        for f in ("checkpoint_every", "keep_last", "eval_every", "num_grid", "num_workers", "lr_warmup_steps",
+                  "weight_decay"):  # fmt: skip
             if getattr(self, f) < 0:
-                raise ConfigError(f"--{f.replace('_', '-')} must be 0 or more, got {getattr(self, f)}")
+                raise ConfigError(f"{_flag(f)} must be 0 or more, got {getattr(self, f)}")
         if self.num_eval_samples < -1:
             raise ConfigError(
                 f"--num-eval-samples must be -1 (all), 0 (none) or more, got {self.num_eval_samples}"
             )
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.seed < 2**31:  # numpy seeds must fit 32 bits; each process adds its rank
+            raise ConfigError(f"--seed must lie in [0, 2**31), got {self.seed}")
+        # The original clips unconditionally; 0 or a negative norm would zero or reverse every update.
+        for f in ("lr", "max_grad_norm", "adam_epsilon", "lr_power"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"{_flag(f)} must be positive, got {getattr(self, f)}")
+        for f in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, f) < 1:
+                raise ConfigError(f"{_flag(f)} must lie in [0, 1), got {getattr(self, f)}")
         for f, valid in (
             ("mixed_precision", MIXED_PRECISION),
             ("frozen_dtype", FROZEN_DTYPES),
@@ -105,15 +136,46 @@ class CommonConfig:
             ("test_image_prep", IMAGE_PREPS),
         ):
             if getattr(self, f) not in valid:
-                raise ConfigError(
-                    f"--{f.replace('_', '-')} {getattr(self, f)!r} is not one of {', '.join(valid)}"
-                )
+                raise ConfigError(f"{_flag(f)} {getattr(self, f)!r} is not one of {', '.join(valid)}")
         self._validate_push()
         if self.test_image_prep not in EVAL_IMAGE_PREPS:  # it is also the published model's preparation
             raise ConfigError(
                 f"--test-image-prep must be deterministic ({', '.join(EVAL_IMAGE_PREPS)}), "
                 f"got {self.test_image_prep!r}"
             )
+        if self.frozen_dtype not in ("auto", "fp32") and self.mixed_precision == "no":
+            raise ConfigError(
+                "--frozen-dtype fp16/bf16 needs --mixed-precision (trainable weights stay fp32)"
+            )
+        for f in self.network_fields:
+            check_network_source(_flag(f), getattr(self, f))
+        if self.fid_weights is not None and not os.path.isfile(os.path.expanduser(self.fid_weights)):
+            raise ConfigError(f"--fid-weights {self.fid_weights}: no such file")
+        if self.lpips_vgg is not None and not os.path.isfile(os.path.expanduser(self.lpips_vgg)):
+            raise ConfigError(
+                f"--lpips-vgg {self.lpips_vgg}: no such file (a torchvision VGG-16 state dict, see "
+                'docs/training.md, "Training offline")'
+            )
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether `name` cannot be a hub id ("name" or "owner/name") and so names a local file or folder."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+
+
+def check_network_source(flag: str, source: str | None) -> None:
+    """Raise ConfigError if `source` (the value of `flag`) can only be a local path and does not exist."""
+    if source is None or os.path.exists(os.path.expanduser(source)):
+        return
+    if looks_like_path(source):
+        raise ConfigError(
+            f"{flag} {source}: the folder does not exist (pass a folder saved with save_pretrained, or a "
+            'hub id; offline, see docs/training.md, "Training offline")'
+        )
 
     def _validate_push(self) -> None:
         """The Hub options' syntax, before anything loads (the token is checked by training.hub_push)."""
@@ -142,12 +204,21 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.clip_model,
         help="CLIP for the paired text-image loss (hub id or folder; unpaired: unused)",
     )
-    g.add_argument("--disc-backbone", default=d.disc_backbone, help="CLIP vision tower of the discriminator")
+    g.add_argument(
+        "--disc-backbone",
+        default=d.disc_backbone,
+        help="CLIP vision tower of the discriminator (hub id or folder)",
+    )
     g.add_argument(
         "--lpips-pretrained",
         action=argparse.BooleanOptionalAction,
         default=d.lpips_pretrained,
         help="ImageNet VGG trunk for LPIPS (--no-lpips-pretrained: random trunk, for tests)",
+    )
+    g.add_argument(
+        "--lpips-vgg",
+        default=None,
+        help="LPIPS's ImageNet VGG-16 trunk from this torchvision state dict file instead of a download",
     )
     g.add_argument("--train-image-prep", default=d.train_image_prep, choices=IMAGE_PREPS)
     g.add_argument("--test-image-prep", default=d.test_image_prep, choices=IMAGE_PREPS)
@@ -184,6 +255,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept; 0: all")
     g.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+    g.add_argument(
+        "--allow-other-base",
+        action="store_true",
+        help="resume on a --base other than the checkpoint's (other id, weights or VAE/scheduler config)",
+    )
     g.add_argument("--publish-to", default=None, help="also place each model here (the app's model folder)")
     g.add_argument(
         "--name", default=None, help="model name for published files (default: output folder name)"
@@ -204,6 +280,9 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
         "--track-fid",
         action="store_true",
         help="FID of the outputs against the target domain's test images (unpaired: both directions)",
+    )
+    g.add_argument(
+        "--fid-weights", default=None, help="FID Inception state dict file (default: downloaded once)"
     )
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument("--report-to", default=d.report_to, choices=REPORT_TO)
@@ -233,3 +312,37 @@ def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
     cfg = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
     cfg.validate()
     return cfg
+
+
+def parse_config(cls: type[C], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> C:
+    """Parse `argv` (None: the command line) with `parser` into a validated `cls`.
+
+    argparse reads a word starting with "-" as a negative number only if it matches `-\\d+` or
+    `-\\d*.\\d+` (and the parser has no flag that looks like one): `--lr -1e-3` or `--lr -inf` would be
+    read as a second flag and fail with "expected one argument". A number after one of the config's
+    numeric flags is therefore joined to it (`--lr=-1e-3`), so that validation can name the problem.
+    """
+    numeric = {_flag(f.name) for f in dataclasses.fields(cls) if f.type in ("int", "float", int, float)}
+    words = list(sys.argv[1:] if argv is None else argv)
+    out: list[str] = []
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word == "--":
+            out += words[i:]
+            break
+        if word in numeric and i + 1 < len(words) and _is_number(words[i + 1]):
+            out.append(f"{word}={words[i + 1]}")
+            i += 2
+            continue
+        out.append(word)
+        i += 1
+    return config_from_args(cls, parser.parse_args(out))
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True

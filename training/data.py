@@ -87,6 +87,22 @@ class _Report:
         raise DatasetError("\n".join(lines), problems)
 
 
+def check_all(*checks: Callable[[], object]) -> list:
+    """Run every check (a dataset constructor, say) and return their results; if any raised
+    DatasetError, raise one that lists every problem of every check, in order."""
+    results, failed = [], []
+    for check in checks:
+        try:
+            results.append(check())
+        except DatasetError as e:
+            failed.append(e)
+            results.append(None)
+    if failed:
+        message = "\n".join(str(e) for e in failed)
+        raise DatasetError(message, [p for e in failed for p in e.problems])
+    return results
+
+
 def _check_split(split: str) -> None:
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
@@ -391,7 +407,29 @@ def _load(path: Path, split: str) -> Image.Image:
         raise DatasetError(f"cannot load {what} image: {exc}") from exc  # exc names the file
 
 
-class PairedDataset(torch.utils.data.Dataset):
+class _SplitDataset(torch.utils.data.Dataset):
+    """What both datasets share: one split of a dataset folder, its preparation and its randomness."""
+
+    def __init__(
+        self, root: str | os.PathLike, split: str, image_prep: str, tokenizer, seed: int | None
+    ) -> None:
+        super().__init__()
+        _check_split(split)
+        self.root = Path(root)
+        self.split = split
+        self.image_prep = image_prep
+        self.transform = build_transform(image_prep)
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next pass's random choices (crops, flips, picks) those of this epoch (only used
+        with a seed)."""
+        self.epoch = epoch
+
+
+class PairedDataset(_SplitDataset):
     """Paired samples (input image, target image, prompt), as the original's PairedDataset.
 
     Items: "conditioning_pixel_values" (3, H, W) in [0, 1]; "output_pixel_values" (3, H, W) in
@@ -411,18 +449,10 @@ class PairedDataset(torch.utils.data.Dataset):
         check: bool = True,
         batch_size: int = 1,
     ) -> None:
-        super().__init__()
-        self.root = Path(root)
-        self.split = split
-        self.image_prep = image_prep
-        self.transform = build_transform(image_prep)
-        self.tokenizer = tokenizer
-        self.seed = seed
-        self.epoch = 0
+        super().__init__(root, split, image_prep, tokenizer, seed)
         if check:
             scan = _scan_paired(self.root, split, image_prep, batch_size)
         else:
-            _check_split(split)
             report = _Report(f"paired dataset {self.root}, split {split!r}")
             prompts = _read_prompts(self.root, split, report) or {}
             report.raise_if_any()
@@ -431,10 +461,6 @@ class PairedDataset(torch.utils.data.Dataset):
         self.prompts = scan.prompts
         self.input_folder = self.root / f"{split}_A"
         self.output_folder = self.root / f"{split}_B"
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next pass's random crops/flips those of this epoch (only used with a seed)."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.names)
@@ -488,14 +514,19 @@ def _read_caption(path: Path, report: _Report) -> str:
 
 
 def _scan_unpaired(
-    root: Path, split: str, verify: bool, image_prep: str | None = None, batch_size: int = 1
+    root: Path,
+    split: str,
+    verify: bool,
+    image_prep: str | None = None,
+    batch_size: int = 1,
+    captions: bool = True,
 ) -> _UnpairedScan:
     _check_split(split)
     report = _Report(f"unpaired dataset {root}, split {split!r}")
     folder_a, folder_b = root / f"{split}_A", root / f"{split}_B"
     scan_a, scan_b = _scan_folder(folder_a, report), _scan_folder(folder_b, report)
-    caption_a = _read_caption(root / "fixed_prompt_a.txt", report)
-    caption_b = _read_caption(root / "fixed_prompt_b.txt", report)
+    caption_a = _read_caption(root / "fixed_prompt_a.txt", report) if captions else ""
+    caption_b = _read_caption(root / "fixed_prompt_b.txt", report) if captions else ""
     names_a = scan_a[0] if scan_a else []
     names_b = scan_b[0] if scan_b else []
     for folder, scan in ((folder_a, scan_a), (folder_b, scan_b)):
@@ -512,19 +543,24 @@ def _scan_unpaired(
 
 
 def check_unpaired_dataset(
-    root: str | os.PathLike, split: str = "train", image_prep: str | None = None, batch_size: int = 1
+    root: str | os.PathLike,
+    split: str = "train",
+    image_prep: str | None = None,
+    batch_size: int = 1,
+    captions: bool = True,
 ) -> None:
     """Check an unpaired dataset split; raise DatasetError listing EVERY problem found.
 
     Checks: both folders present and non-empty, both caption files present, readable and not
-    empty, every image opens, verifies and decodes completely. A and B may differ in size and
-    number. With image_prep="no_resize", also that every image has sides of at least 8 px and, with
-    a batch_size over 1, that each domain's images have one size (after the crop to multiples of 8).
+    empty (captions=False: not checked, as for a test split checked after the training split),
+    every image opens, verifies and decodes completely. A and B may differ in size and number.
+    With image_prep="no_resize", also that every image has sides of at least 8 px and, with a
+    batch_size over 1, that each domain's images have one size (after the crop to multiples of 8).
     """
-    _scan_unpaired(Path(root), split, verify=True, image_prep=image_prep, batch_size=batch_size)
+    _scan_unpaired(Path(root), split, True, image_prep, batch_size, captions)
 
 
-class UnpairedDataset(torch.utils.data.Dataset):
+class UnpairedDataset(_SplitDataset):
     """Unpaired samples, as the original's UnpairedDataset.
 
     Length len(A) + len(B); item i takes source image A[i] if i < len(A) else a random A image, and
@@ -546,13 +582,7 @@ class UnpairedDataset(torch.utils.data.Dataset):
         check: bool = True,
         batch_size: int = 1,
     ) -> None:
-        super().__init__()
-        self.root = Path(root)
-        self.split = split
-        self.transform = build_transform(image_prep)
-        self.tokenizer = tokenizer
-        self.seed = seed
-        self.epoch = 0
+        super().__init__(root, split, image_prep, tokenizer, seed)
         scan = _scan_unpaired(self.root, split, verify=check, image_prep=image_prep, batch_size=batch_size)
         self.source_folder = self.root / f"{split}_A"
         self.target_folder = self.root / f"{split}_B"
@@ -561,10 +591,6 @@ class UnpairedDataset(torch.utils.data.Dataset):
         if tokenizer is not None:
             self.input_ids_src = _tokenize(tokenizer, self.caption_src)
             self.input_ids_tgt = _tokenize(tokenizer, self.caption_tgt)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next pass's random picks/crops those of this epoch (only used with a seed)."""
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.names_src) + len(self.names_tgt)

@@ -14,8 +14,9 @@ What is measured, as the original img2img-turbo's training validation does it:
   is computed from eigenvalues (`training.fid.frechet_distance`), which agrees with scipy's `sqrtm` to ~1e-8
   relative and is several times faster on a cpu.
 
-Results go to `<output>/metrics.json` and `<output>/metrics.md`. Training validation
-(`training.unpaired`) uses `Evaluator` with the model being trained.
+Results go to `<output>/metrics.json` and `<output>/metrics.md`. Training validation uses this
+module with the model being trained: `training.unpaired` the `Evaluator`, `training.paired` the
+`PairedEvaluator` (pairs scored against their targets: L2, LPIPS, PSNR, CLIP similarity, FID).
 """
 
 from __future__ import annotations
@@ -23,18 +24,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torchvision import transforms
 from tqdm.auto import tqdm
 
 from training.data import DatasetError, crop_to_multiple_of_8, list_images
 from training.dino_structure import DINO_HUB_ID, DinoStructureDistance
 from training.fid import FIDExtractor, fid_inception_v3, frechet_distance, stats_from_features
+from training.metrics import psnr
 from turbo.errors import TurboError, first_line
 from turbo.preprocess import EVAL_IMAGE_PREPS, build_transform, load_image, to_model_input, to_pil
 
@@ -44,6 +50,7 @@ DIRECTIONS = ("a2b", "b2a")
 # direction -> (folder of the inputs, folder of the target domain's references)
 SPLITS = {"a2b": ("test_A", "test_B"), "b2a": ("test_B", "test_A")}
 DEFAULT_IMAGE_PREP = "no_resize"
+FID_SHORT_SIDE = 512  # the original paired trainer's --resolution default
 
 Translate = Callable[[torch.Tensor], torch.Tensor]
 
@@ -167,6 +174,102 @@ class Evaluator:
             mu, sigma = stats_from_features(self.fid.features(outputs, "FID output features"))
             fid = frechet_distance(mu, sigma, *self.ref_stats)
         return EvalResult(self.direction, len(outputs), fid, dino, self.image_prep, str(samples))
+
+
+class PairedEvaluator:
+    """Paired validation (`training.paired`) on a dataset's test split; build once, `run` per model
+    state. Each pair's input is translated with its prompt and scored against its target: L2, LPIPS,
+    PSNR (dB, images in [-1, 1]), CLIP similarity (with `clip`) and FID (with `fid`, a function
+    building the FID network): the outputs against test_B, both resized to 512 on the short side
+    (`fid_resize`), as the original's validation. num_images: -1 for all, else the first ones."""
+
+    def __init__(
+        self,
+        val_set,
+        lpips,
+        clip=None,
+        fid: Callable[[], FIDExtractor] | None = None,
+        *,
+        num_images: int = -1,
+        batch_size: int = 4,
+        num_grid: int = 4,
+        seed: int = 0,
+        fid_reference: Path | None = None,
+    ) -> None:
+        self.val_set, self.lpips, self.clip, self._fid_factory = val_set, lpips, clip, fid
+        self.count = len(val_set) if num_images < 0 else min(num_images, len(val_set))
+        # "no_resize" keeps each image's own size: one per batch
+        self.batch_size = 1 if val_set.image_prep == "no_resize" else batch_size
+        self.num_grid, self.seed, self.fid_reference = num_grid, seed, fid_reference
+        self._fid: FIDExtractor | None = None
+
+    @torch.no_grad()
+    def run(
+        self,
+        translate: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor],
+        encode: Callable[[list[str]], torch.Tensor],
+        device: torch.device,
+        autocast: Callable,
+        with_noise: bool,
+        fid_dir: Path | None,
+    ) -> tuple[dict[str, float], list[list[torch.Tensor]]]:
+        """(metrics, grid rows input | output | target). translate(x in [0, 1], encode(captions), noise)
+        -> output in [-1, 1], run under autocast(); noise (B, 4, h/8, w/8) from a generator seeded with
+        `seed` when with_noise, else None. Outputs for FID are written to fid_dir (emptied first)."""
+        subset = torch.utils.data.Subset(self.val_set, range(self.count))
+        loader = torch.utils.data.DataLoader(subset, batch_size=self.batch_size, shuffle=False, num_workers=0)
+        noise_rng = torch.Generator(device="cpu").manual_seed(self.seed)
+        sums = {"val/l2": 0.0, "val/lpips": 0.0, "val/psnr": 0.0}
+        if self.clip is not None:
+            sums["val/clipsim"] = 0.0
+        rows, written = [], 0
+        if fid_dir is not None:
+            # a run resumed from before this step, or a reused output folder, left older images here
+            shutil.rmtree(fid_dir, ignore_errors=True)
+            fid_dir.mkdir(parents=True)
+        for batch in loader:
+            x = batch["conditioning_pixel_values"].to(device)
+            y = batch["output_pixel_values"].to(device)
+            captions = list(batch["caption"])
+            emb = encode(captions)
+            b, _, h, w = x.shape
+            noise = None
+            if with_noise:
+                noise = torch.randn(b, 4, h // 8, w // 8, generator=noise_rng).to(device)
+            with autocast():
+                pred = translate(x, emb, noise)
+                lp = self.lpips(pred, y.float())
+                if self.clip is not None:
+                    sums["val/clipsim"] += float(self.clip.similarity(pred, captions).diagonal().sum())
+            sums["val/l2"] += float(F.mse_loss(pred, y, reduction="none").flatten(1).mean(1).sum())
+            sums["val/lpips"] += float(lp.sum())
+            sums["val/psnr"] += float(psnr(pred, y).clamp(max=100).sum())
+            for j in range(b):
+                if len(rows) < self.num_grid:
+                    rows.append([x[j].cpu() * 2 - 1, pred[j].cpu(), y[j].cpu()])
+                if fid_dir is not None:
+                    to_pil(pred[j]).save(fid_dir / f"val_{written:05d}.png")
+                    written += 1
+        metrics = {k: v / self.count for k, v in sums.items()}
+        if fid_dir is not None and self._fid_factory is not None:
+            metrics["val/fid"] = self._fid_score(fid_dir)
+        return metrics, rows
+
+    def _fid_score(self, folder: Path) -> float:
+        from training.fid import cached_stats
+
+        if self._fid is None:
+            self._fid = self._fid_factory()
+        ref = cached_stats(str(self.val_set.output_folder), self._fid, self.fid_reference, fid_resize)
+        mu, sigma = self._fid.compute_stats(str(folder), fid_resize)
+        return frechet_distance(mu, sigma, *ref)
+
+
+def fid_resize(image: np.ndarray) -> np.ndarray:
+    """The original's FID preparation of paired targets and outputs alike: short side to 512 (its
+    `--resolution`), LANCZOS, before clean-fid's own resize. uint8 (H, W, 3) -> uint8 (h, w, 3)."""
+    resize = transforms.Resize(FID_SHORT_SIDE, interpolation=transforms.InterpolationMode.LANCZOS)
+    return np.asarray(resize(Image.fromarray(image)))
 
 
 def write_report(results: Sequence[EvalResult], output: str | Path, model: str = "") -> tuple[Path, Path]:

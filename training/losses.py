@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPModel, CLIPTokenizer, CLIPVisionConfig, PreTrainedTokenizerBase
 
-from turbo.errors import TurboError
+from turbo.errors import TurboError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +52,32 @@ class LPIPSLoss(nn.Module):
         self.net = net
         self.net.requires_grad_(False)
         self.net.eval()
+
+    @classmethod
+    def from_vgg16_state_dict(cls, state: dict[str, torch.Tensor]) -> LPIPSLoss:
+        """LPIPS whose trunk takes its weights from a torchvision VGG-16 state dict (the whole model's
+        `features.N.*` keys, as `torchvision.models.vgg16(weights="IMAGENET1K_V1").state_dict()`
+        gives, or the features' own `N.*`); raises ValueError if it does not fit."""
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError("not a state dict (a mapping of names to tensors)")
+        features = {k.removeprefix("features."): v for k, v in state.items()}
+        loss = cls(pretrained_trunk=False)
+        trunk = loss.net.net  # lpips's vgg16: slice1..slice5 holding the features' layers by index
+        wanted = {}
+        for name in trunk.state_dict():
+            _, index, param = name.split(".")  # "slice2.5.weight"
+            wanted[name] = f"{index}.{param}"
+        missing = [v for v in wanted.values() if v not in features]
+        if missing:
+            raise ValueError(
+                f"not a VGG-16 state dict: {len(missing)} of the {len(wanted)} trunk tensors are missing "
+                f"(first: features.{missing[0]})"
+            )
+        try:
+            trunk.load_state_dict({name: features[key] for name, key in wanted.items()})
+        except RuntimeError as e:
+            raise ValueError(f"not a VGG-16 state dict ({first_line(e)})") from e
+        return loss
 
     def train(self, mode: bool = True) -> LPIPSLoss:
         """Always eval: LPIPS's heads contain dropout, which must stay off."""

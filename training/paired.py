@@ -20,39 +20,40 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torchvision import transforms
 
-from training.config import CommonConfig, ConfigError, add_common_arguments, config_from_args
-from training.data import PairedDataset
+from training.config import CommonConfig, ConfigError, add_common_arguments
+from training.config import parse_config as parse_into
+from training.data import PairedDataset, check_all
+from training.evaluate import PairedEvaluator, fid_resize
+
+__all__ = ["PairedConfig", "PairedTrainer", "TrainResult", "fid_resize", "train", "main"]
 from training.frozen import build_clip_similarity, build_discriminator, build_lpips
-from training.metrics import psnr
-from training.runtime import Runtime, save_grid
+from training.runtime import save_grid
 from training.state import ResumeError
 from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
-from turbo.base import BaseModel, load_base
+from turbo.base import BaseModel
 from turbo.formats import TurboCheckpoint, load_checkpoint
 from turbo.generator import Generator
-from turbo.preprocess import to_pil
 
 logger = logging.getLogger(__name__)
 
 MODEL = "train"  # the name of the model being trained inside the Generator
-FID_SHORT_SIDE = 512  # the original's --resolution default
 INPUT_KINDS = ("auto", "canny", "sketch", "none")
 
 
 @dataclass
 class PairedConfig(CommonConfig):
-    """Paired-training options on top of CommonConfig; defaults are the original's."""
+    """Paired-training options on top of CommonConfig; defaults are the original's (but max_steps:
+    the original trains --num_training_epochs epochs, see docs/training.md). Checks shared with the
+    unpaired trainer (lambdas, ranks, finite numbers) are CommonConfig.validate's."""
+
+    network_fields = (*CommonConfig.network_fields, "clip_model")
 
     lambda_gan: float = 0.5
     lambda_lpips: float = 5.0
@@ -69,19 +70,12 @@ class PairedConfig(CommonConfig):
 
     def validate(self) -> None:
         super().validate()
-        for f in ("lambda_gan", "lambda_lpips", "lambda_l2", "lambda_clipsim"):
-            if getattr(self, f) < 0:
-                raise ConfigError(f"--{f.replace('_', '-')} must be 0 or more, got {getattr(self, f)}")
         if self.input not in INPUT_KINDS:
             raise ConfigError(f"--input {self.input!r} is not one of {', '.join(INPUT_KINDS)}")
         if not 0.0 <= self.eval_gamma <= 1.0:
             raise ConfigError(f"--eval-gamma must lie in [0, 1], got {self.eval_gamma}")
         if self.eval_gamma < 1 and not self.stochastic:
             raise ConfigError("--eval-gamma below 1 needs --stochastic")
-        if self.frozen_dtype not in ("auto", "fp32") and self.mixed_precision == "no":
-            raise ConfigError(
-                "--frozen-dtype fp16/bf16 needs --mixed-precision (trainable weights stay fp32)"
-            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_config(argv: list[str] | None = None) -> PairedConfig:
-    return config_from_args(PairedConfig, build_parser().parse_args(argv))
+    return parse_into(PairedConfig, build_parser(), argv)
 
 
 class PairedTrainer(Trainer):
@@ -127,37 +121,36 @@ class PairedTrainer(Trainer):
 
     kind = "paired"
 
-    def __init__(
-        self,
-        cfg: PairedConfig,
-        rt: Runtime | None = None,
-        base: BaseModel | None = None,
-        networks: dict[str, torch.nn.Module] | None = None,
-    ) -> None:
-        """base / networks ("disc", "clip", "lpips"): already built ones to use instead of loading
-        them from cfg (benchmarks build random full-size networks in memory)."""
-        super().__init__(cfg, rt)
-        rt, dev = self.rt, self.rt.device
-        self.train_set = PairedDataset(
-            cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed, batch_size=cfg.batch_size
+    def _datasets(self) -> None:
+        """The training set and the validation set, every problem of both splits at once."""
+        cfg = self.cfg
+        validate = cfg.eval_every > 0 and cfg.num_eval_samples != 0
+        if validate and not (Path(cfg.dataset) / "test_A").is_dir():
+            logger.warning("no test_A/ in %s: validation is off", cfg.dataset)
+            validate = False
+        self.train_set, self.val_set = check_all(
+            lambda: PairedDataset(
+                cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed, batch_size=cfg.batch_size
+            ),
+            lambda: PairedDataset(cfg.dataset, "test", cfg.test_image_prep, seed=cfg.seed)
+            if validate
+            else None,
         )
-        self.val_set = None
-        if cfg.eval_every > 0 and cfg.num_eval_samples != 0:
-            if (Path(cfg.dataset) / "test_A").is_dir():
-                self.val_set = PairedDataset(cfg.dataset, "test", cfg.test_image_prep, seed=cfg.seed)
-            else:
-                logger.warning("no test_A/ in %s: validation is off", cfg.dataset)
+
+    def _build(self, base: BaseModel | None, networks: dict[str, torch.nn.Module]) -> None:
+        """networks: "disc", "clip", "lpips" (see Trainer)."""
+        cfg, rt, dev = self.cfg, self.rt, self.rt.device
         init = self._read_init()  # before the base loads: a bad --init-from fails in seconds
-        self.base = base or load_base(cfg.base, device=dev, dtype=rt.frozen_dtype)
+        self.base = self._load_base(base)
         self.gen = Generator(self.base)
         self._add_model(init)
         self.params = self.gen.trainable_parameters(MODEL)
         self._prepare_trainable()
-        nets = networks or {}
+        nets = networks
         self.disc = self.clip = None
         if cfg.lambda_gan > 0:
             self.disc = nets.get("disc") or build_discriminator(cfg.disc_backbone, cfg.gan_loss_type, dev)
-        self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev)
+        self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev, cfg.lpips_vgg)
         if cfg.lambda_clipsim > 0:
             self.clip = nets.get("clip") or build_clip_similarity(cfg.clip_model, dev)
         opt_g = self._adamw(self.params)
@@ -175,7 +168,7 @@ class PairedTrainer(Trainer):
         self._setup_data(self.train_set)
         self.prompt = cfg.default_prompt or self.train_set.prompts[self.train_set.names[0]]
         self.input_kind = cfg.input if cfg.input != "auto" else ("sketch" if cfg.stochastic else "canny")
-        self._start()  # resume; from here on each process draws its own noise, gamma and augmentations
+        self.evaluator: PairedEvaluator | None = None  # built at the first validation
 
     # -- model -------------------------------------------------------------------------------------
 
@@ -231,6 +224,8 @@ class PairedTrainer(Trainer):
         }
 
     def _check_state(self, folder: Path, state: dict, saved_cfg: dict) -> None:
+        if self.cfg.lambda_gan > 0 and "discriminator" not in state:
+            raise ResumeError(f"{folder}: saved without a discriminator (--lambda-gan 0); keep it at 0")
         saved = saved_cfg.get("stochastic")
         if saved is not None and bool(saved) != self.cfg.stochastic:
             said = "with" if saved else "without"
@@ -348,74 +343,30 @@ class PairedTrainer(Trainer):
         return metrics
 
     def _evaluate_main(self) -> dict[str, float]:
-        cfg, dev = self.cfg, self.rt.device
-        count = len(self.val_set)
-        if cfg.num_eval_samples >= 0:
-            count = min(cfg.num_eval_samples, count)
-        bs = 1 if cfg.test_image_prep == "no_resize" else cfg.eval_batch_size
-        subset = torch.utils.data.Subset(self.val_set, range(count))
-        loader = torch.utils.data.DataLoader(subset, batch_size=bs, shuffle=False, num_workers=0)
-        noise_rng = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        sums = {"val/l2": 0.0, "val/lpips": 0.0, "val/psnr": 0.0}
-        if self.clip is not None:
-            sums["val/clipsim"] = 0.0
-        rows, fid_dir, written = [], None, 0
-        if cfg.track_fid:
-            fid_dir = Path(cfg.output) / "eval" / f"fid_{self.step:08d}"
-            # a run resumed from before this step, or a reused output folder, left older images here
-            shutil.rmtree(fid_dir, ignore_errors=True)
-            fid_dir.mkdir(parents=True)
-        for batch in loader:
-            x = batch["conditioning_pixel_values"].to(dev)
-            y = batch["output_pixel_values"].to(dev)
-            emb = self.base.encode_prompt(list(batch["caption"]))
-            b, _, h, w = x.shape
-            noise = None
-            if cfg.eval_gamma < 1:
-                noise = torch.randn(b, 4, h // 8, w // 8, generator=noise_rng).to(dev)
-            with self.rt.autocast():
-                pred = self.gen(x, emb, model=MODEL, gamma=cfg.eval_gamma, noise=noise).float()
-                lp = self.lpips(pred, y.float())
-                if self.clip is not None:
-                    sums["val/clipsim"] += float(
-                        self.clip.similarity(pred, list(batch["caption"])).diagonal().sum()
-                    )
-            sums["val/l2"] += float(F.mse_loss(pred, y, reduction="none").flatten(1).mean(1).sum())
-            sums["val/lpips"] += float(lp.sum())
-            sums["val/psnr"] += float(psnr(pred, y).clamp(max=100).sum())
-            for j in range(b):
-                if len(rows) < cfg.num_grid:
-                    rows.append([x[j].cpu() * 2 - 1, pred[j].cpu(), y[j].cpu()])
-                if fid_dir is not None:
-                    to_pil(pred[j]).save(fid_dir / f"val_{written:05d}.png")
-                    written += 1
-        metrics = {k: v / count for k, v in sums.items()}
+        cfg = self.cfg
+        if self.evaluator is None:
+            fid_factory = None
+            if cfg.track_fid:
+                from training.evaluate import fid_extractor
+
+                fid_factory = lambda: fid_extractor(cfg.fid_weights, self.rt.device)  # noqa: E731
+            self.evaluator = PairedEvaluator(
+                self.val_set, self.lpips, self.clip, fid_factory, num_images=cfg.num_eval_samples,
+                batch_size=cfg.eval_batch_size, num_grid=cfg.num_grid, seed=cfg.seed,
+                fid_reference=Path(cfg.output) / "eval" / "fid_ref_512.npz",
+            )  # fmt: skip
+
+        def translate(x: torch.Tensor, emb: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+            return self.gen(x, emb, model=MODEL, gamma=cfg.eval_gamma, noise=noise).float()
+
+        eval_dir = Path(cfg.output) / "eval"
+        metrics, rows = self.evaluator.run(
+            translate, self.base.encode_prompt, self.rt.device, self.rt.autocast, cfg.eval_gamma < 1,
+            eval_dir / f"fid_{self.step:08d}" if cfg.track_fid else None,
+        )  # fmt: skip
         if rows:
-            save_grid(rows, Path(cfg.output) / "eval" / f"step_{self.step:08d}.png")
-        if fid_dir is not None:
-            metrics["val/fid"] = self._fid(fid_dir)
+            save_grid(rows, eval_dir / f"step_{self.step:08d}.png")
         return metrics
-
-    def _fid(self, folder: Path) -> float:
-        from training.fid import FIDExtractor, cached_stats, frechet_distance
-
-        if not hasattr(self, "_fid_extractor"):
-            self._fid_extractor = FIDExtractor(device=self.rt.device, progress=False)
-        ref = cached_stats(
-            str(Path(self.cfg.dataset) / "test_B"),
-            self._fid_extractor,
-            Path(self.cfg.output) / "eval" / "fid_ref_512.npz",
-            fid_resize,
-        )
-        mu, sigma = self._fid_extractor.compute_stats(str(folder), fid_resize)
-        return frechet_distance(mu, sigma, *ref)
-
-
-def fid_resize(image: np.ndarray) -> np.ndarray:
-    """The original's FID preparation of targets and outputs alike: short side to 512 (its
-    `--resolution`), LANCZOS, before clean-fid's own resize. uint8 (H, W, 3) -> uint8 (h, w, 3)."""
-    resize = transforms.Resize(FID_SHORT_SIDE, interpolation=transforms.InterpolationMode.LANCZOS)
-    return np.asarray(resize(Image.fromarray(image)))
 
 
 def train(cfg: PairedConfig) -> TrainResult:

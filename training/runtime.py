@@ -115,6 +115,49 @@ class Runtime:
             )
             f.write("\n")
 
+    def rewind_logs(self, step: int) -> None:
+        """Forget what was logged after `step` (a run resumed from that step logs those steps again):
+        `metrics.jsonl` keeps its rows up to `step`, TensorBoard purges its later events (rank 0)."""
+        if not self.is_main:
+            return
+        path = self.output / "metrics.jsonl"
+        if path.is_file():
+            kept, dropped = [], 0
+            for line in path.read_text().splitlines():
+                try:
+                    row_step = json.loads(line)["step"]
+                except (ValueError, KeyError, TypeError):
+                    dropped += 1  # half a line, cut off by a kill
+                    continue
+                if row_step <= step:
+                    kept.append(line)
+                else:
+                    dropped += 1
+            if dropped:
+                tmp = path.with_name(f".{path.name}.tmp")
+                tmp.write_text("".join(f"{line}\n" for line in kept))
+                tmp.replace(path)
+                logger.info("%s: dropped %d row(s) after step %d (logged again now)", path, dropped, step)
+        if self._writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer.close()
+            self._writer = SummaryWriter(str(self.output / "logs"), purge_step=step + 1)
+
+    def logged_validation(self, step: int) -> bool:
+        """Whether `metrics.jsonl` holds a validation row ("val/..." values) of `step`."""
+        path = self.output / "metrics.jsonl"
+        if not path.is_file():
+            return False
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step") == step and any(k.startswith("val/") for k in row):
+                return True
+        return False
+
     def progress(self, total: int, initial: int) -> tqdm:
         return tqdm(total=total, initial=initial, desc="steps", disable=not self.is_main, dynamic_ncols=True)
 

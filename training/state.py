@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +37,9 @@ from turbo.formats import TurboCheckpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
+# Test hook: a process whose environment sets this to a step number SIGKILLs itself while saving that
+# step, once its folder is in place and before `latest` names it (tests/test_train_paired.py).
+KILL_AT_CHECKPOINT_ENV = "TURBO_TEST_KILL_AT_CHECKPOINT"
 CHECKPOINTS = "checkpoints"
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.pt"
@@ -231,6 +235,8 @@ class CheckpointWriter:
             else:
                 os.replace(tmp, final)
             fsync_directory(self.root)
+            if os.environ.get(KILL_AT_CHECKPOINT_ENV) == str(step):
+                os.kill(os.getpid(), signal.SIGKILL)
             _write_text_atomic(self.root / LATEST_FILE, final.name + "\n")
             self._prune(step)
             logger.info("saved checkpoint %s", final)

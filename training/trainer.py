@@ -1,9 +1,11 @@
 """What the paired and unpaired trainers share: the step loop, checkpoints, resuming, the CLI shell.
 
 A trainer (`training.paired.PairedTrainer`, `training.unpaired.UnpairedTrainer`) subclasses `Trainer`
-and keeps its objective in its own module: it builds its model, networks and optimizers, then calls
-the helpers here (`_prepare_trainable`, `_adamw`, `_schedule`, `_setup_data`, `_start`) and supplies
-`export`, `_inputs`, `train_step`, `evaluate` and its part of the training state.
+and keeps its objective in its own module. `Trainer.__init__` checks everything that can be checked
+without loading a network (options, the checkpoint to resume, every dataset split), then calls the
+subclass's `_build` (its model, networks and optimizers, with the helpers `_load_base`,
+`_prepare_trainable`, `_adamw`, `_schedule`, `_setup_data`) and finally resumes. A subclass supplies
+`_datasets`, `_build`, `export`, `_inputs`, `train_step`, `evaluate` and its part of the state.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from typing import Any
 import torch
 from diffusers.optimization import get_scheduler
 
+from training.base_identity import base_identity, config_difference, describe_source, weights_differ
 from training.config import CommonConfig, ConfigError
 from training.hub_push import HubPush
+from training.optimizer import RepeatedAdamW
 from training.runtime import Runtime
 from training.sampler import Position, ResumableBatchSampler, batches
 from training.state import (
@@ -34,6 +38,7 @@ from training.state import (
     resolve_checkpoint,
     set_rng_state,
 )
+from turbo.base import BaseModel, load_base
 from turbo.errors import TurboError, first_line
 from turbo.formats import TurboCheckpoint, save_checkpoint
 from turbo.generator import Generator
@@ -71,8 +76,15 @@ class Trainer:
     # the end of the error when a checkpoint's generator does not match this run's model
     mismatch_hint = "other LoRA ranks?"
 
-    def __init__(self, cfg: CommonConfig, rt: Runtime | None = None) -> None:
-        """Validates cfg; a subclass then builds its model and networks, and ends with `_start()`."""
+    def __init__(
+        self,
+        cfg: CommonConfig,
+        rt: Runtime | None = None,
+        base: BaseModel | None = None,
+        networks: dict[str, torch.nn.Module] | None = None,
+    ) -> None:
+        """Check, build, resume. base / networks: already built ones to use instead of loading them
+        from cfg (benchmarks build random full-size networks in memory; see the subclass for names)."""
         cfg.validate()
         check_output(cfg)
         self.cfg = cfg
@@ -80,8 +92,23 @@ class Trainer:
         self.hub = HubPush(cfg, self.rt.is_main)  # checks the Hub token before the base loads
         # Same seed everywhere while building, so every process starts from identical weights.
         self.rt.seed(cfg.seed, per_process=False)
+        # Everything the files can tell is checked before the base and the networks load.
+        self._resume_from = self._read_checkpoint() if cfg.resume else None
+        self._datasets()
+        self.base_identity: dict[str, str] = {}
+        self._build(base, networks or {})
+        self._start()
 
     # -- what a subclass supplies -----------------------------------------------------------------
+
+    def _datasets(self) -> None:
+        """Build the training set (`self.train_set`) and check every other split the run will read,
+        raising one DatasetError that lists every problem of every split (see `check_splits`)."""
+        raise NotImplementedError
+
+    def _build(self, base: BaseModel | None, networks: dict[str, torch.nn.Module]) -> None:
+        """Load the base (`_load_base`), build the model, networks, optimizers and `_setup_data`."""
+        raise NotImplementedError
 
     def export(self) -> TurboCheckpoint:
         raise NotImplementedError
@@ -109,6 +136,16 @@ class Trainer:
 
     # -- building ---------------------------------------------------------------------------------
 
+    def _load_base(self, base: BaseModel | None) -> BaseModel:
+        """The base (loaded from cfg.base unless given), identified and checked against the checkpoint
+        being resumed before anything else loads."""
+        cfg = self.cfg
+        base = base or load_base(cfg.base, device=self.rt.device, dtype=self.rt.frozen_dtype)
+        self.base_identity = base_identity(base, cfg.base)
+        if self._resume_from is not None:
+            self._check_base(self._resume_from[0], self._resume_from[1].get("base"))
+        return base
+
     def _prepare_trainable(self) -> None:
         for p in self.params:
             p.data = p.data.float()  # trainable weights stay fp32 whatever the frozen dtype
@@ -117,8 +154,9 @@ class Trainer:
             self.gen.vae.gradient_checkpointing = True
 
     def _adamw(self, params) -> torch.optim.AdamW:
+        """AdamW with the run's options over params (tensors, or groups; see RepeatedAdamW)."""
         cfg = self.cfg
-        return torch.optim.AdamW(
+        return RepeatedAdamW(
             params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
             eps=cfg.adam_epsilon,
         )  # fmt: skip
@@ -145,11 +183,39 @@ class Trainer:
         self.name = cfg.name or Path(cfg.output).resolve().name
 
     def _start(self) -> None:
-        """Resume if asked, then seed: from here on each process draws its own noise and augmentations."""
-        rng = self._resume() if self.cfg.resume else None
+        """Sweep stale temp files, resume if asked, then seed: from here on each process draws its own
+        noise and augmentations."""
+        if self.rt.is_main:
+            self._remove_stale_temp_files()
+        self.validation_due = False
+        rng = None
+        if self.cfg.resume:
+            rng = self._resume()
+            self._resume_from = None  # the state's tensors are in the model and optimizers now
+            self.rt.rewind_logs(self.step)
+            # A kill between a checkpoint and its validation (or the final one) lost that validation.
+            cfg = self.cfg
+            due = cfg.eval_every > 0 and (self.step % cfg.eval_every == 0 or self.step >= cfg.max_steps)
+            self.validation_due = due and not self.rt.logged_validation(self.step)
         self.rt.seed(self.cfg.seed + 1, per_process=True)
         if rng is not None:
             set_rng_state(rng)
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temp files a killed run left (a checkpoint pointer, the final model, a published model, a
+        validation grid): every write goes through one and renames it, so none is ever needed again."""
+        out = Path(self.cfg.output)
+        patterns = [(out / CHECKPOINTS, ".latest.*.tmp"), (out, ".model.safetensors.*.tmp"),
+                    (out, ".metrics.jsonl.tmp"), (out / "eval", ".step_*.png.tmp")]  # fmt: skip
+        if self.cfg.publish_to:
+            patterns.append((Path(self.cfg.publish_to), f".{self.name}.safetensors.*.tmp"))
+        for folder, pattern in patterns:
+            if not folder.is_dir():
+                continue
+            for path in folder.glob(pattern):
+                if path.is_file():
+                    logger.info("removing %s, left by an interrupted write", path)
+                    path.unlink(missing_ok=True)
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -167,6 +233,7 @@ class Trainer:
             "sched_g": self.sched_g.state_dict(),
             "config": json.dumps(asdict(self.cfg)),
             "kind": self.kind,
+            "base": dict(self.base_identity),
         }
         state.update(self._extra_state())
         scaler = self.rt.accelerator.scaler
@@ -174,8 +241,12 @@ class Trainer:
             state["scaler"] = scaler.state_dict()
         return state
 
-    def _resume(self) -> dict | None:
-        folder = resolve_checkpoint(self.cfg.resume, self.cfg.output)
+    def _read_checkpoint(self) -> tuple[Path, dict, dict | None, dict]:
+        """(folder, state, this rank's RNG state, saved options) of --resume, checked as far as the files
+        allow: it exists and is complete, it is this trainer's kind, its options fit this run and its
+        base is --base (or --allow-other-base). Raises ResumeError."""
+        cfg = self.cfg
+        folder = resolve_checkpoint(cfg.resume, cfg.output)
         state, rng = load_state(folder, self.rt.rank)
         # Checkpoints saved before "kind" was stored: only unpaired states have disc_a.
         kind = state.get("kind") or ("unpaired" if "disc_a" in state else "paired")
@@ -188,7 +259,55 @@ class Trainer:
             saved_cfg = json.loads(state.get("config", "{}"))
         except (TypeError, ValueError):
             saved_cfg = {}
-        self._check_state(folder, state, saved_cfg if isinstance(saved_cfg, dict) else {})
+        saved_cfg = saved_cfg if isinstance(saved_cfg, dict) else {}
+        if getattr(cfg, "init_from", None) is None:  # with --init-from the model file sets the ranks
+            for f in ("rank_unet", "rank_vae"):
+                saved = saved_cfg.get(f)
+                if saved is not None and hasattr(cfg, f) and saved != getattr(cfg, f):
+                    flag = "--" + f.replace("_", "-")
+                    raise ResumeError(
+                        f"{folder}: saved with {flag} {saved}, and this run has {flag} {getattr(cfg, f)}; "
+                        "resume with the checkpoint's LoRA ranks"
+                    )
+        self._check_state(folder, state, saved_cfg)
+        saved_base = state.get("base")
+        if isinstance(saved_base, dict) and "source" in saved_base:
+            source = describe_source(cfg.base)
+            if saved_base["source"] != source and not cfg.allow_other_base:
+                raise ResumeError(
+                    f"{folder}: trained on the base {saved_base['source']}, and --base is {source}; resume "
+                    "with that base, or add --allow-other-base to continue on this one"
+                )
+        else:
+            logger.warning("%s: saved without its base's identity; the base is not checked", folder)
+        return folder, state, rng, saved_cfg
+
+    def _check_base(self, folder: Path, saved: dict | None) -> None:
+        """Refuse (unless --allow-other-base) a base whose config or weights differ from the saved one."""
+        if not isinstance(saved, dict):
+            return
+        current = self.base_identity
+        problems = []
+        if (diff := config_difference(saved, current)) is not None:
+            problems.append(f"config: {diff}")
+        differ = weights_differ(saved, current)
+        if differ:
+            problems.append("other weights")
+        elif differ is None and "weights" in saved:
+            logger.warning("%s: base weights saved in %s and loaded in %s now: not compared", folder,
+                           saved.get("dtype"), current["dtype"])  # fmt: skip
+        if not problems:
+            return
+        what = (
+            f"the base {current['source']} is not the one {folder} was trained on "
+            f"({saved.get('source')}): {'; '.join(problems)}"
+        )
+        if not self.cfg.allow_other_base:
+            raise ResumeError(f"{what}; resume with that base, or add --allow-other-base")
+        logger.warning("%s (continuing: --allow-other-base)", what)
+
+    def _resume(self) -> dict | None:
+        folder, state, rng, _ = self._resume_from
         named, saved = self._named_trainable(), state["generator"]
         if not isinstance(saved, dict) or set(saved) != set(named):
             hint = self.mismatch_hint
@@ -242,12 +361,17 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, rt = self.cfg, self.rt
-        first = self.evaluate() if self.step == 0 and cfg.eval_every else {}
-        last = dict(first)
+        first, last = {}, {}
+        # the step whose validation is done: a resumed run's validation was done unless it is due
+        validated_at = self.step if cfg.resume and not self.validation_due else -1
+        if cfg.eval_every and (self.step == 0 or self.validation_due):
+            last = self.evaluate()
+            first = dict(last) if self.step == 0 else {}
+            validated_at = self.step
         bar = rt.progress(cfg.max_steps, self.step)
         stream = batches(self.loader, self.sampler)
         position = self.sampler.position
-        saved_at = -1
+        saved_at = -1  # a run resumed at its last step saves (and publishes) it once more
         while self.step < cfg.max_steps:
             micro = []
             for _ in range(cfg.gradient_accumulation_steps):
@@ -269,10 +393,11 @@ class Trainer:
                 saved_at = self.step
             if cfg.eval_every and self.step % cfg.eval_every == 0:
                 last = self.evaluate() or last
+                validated_at = self.step
         bar.close()
         if saved_at != self.step:
             self.save(position)  # the last step is always saved, and published with it
-        if cfg.eval_every and self.step % cfg.eval_every != 0:
+        if cfg.eval_every and validated_at != self.step:
             last = self.evaluate() or last
         ckpt = self.export()
         if rt.is_main:

@@ -36,15 +36,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.config import CommonConfig, ConfigError, add_common_arguments, config_from_args
-from training.data import UnpairedDataset
+from training.config import CommonConfig, add_common_arguments
+from training.config import parse_config as parse_into
+from training.data import UnpairedDataset, check_all, check_unpaired_dataset
 from training.dino_structure import DINO_HUB_ID
 from training.discriminator import CLIPDiscriminator
 from training.evaluate import EvalResult, Evaluator, build_metrics, write_report
 from training.frozen import build_discriminator, build_lpips
-from training.runtime import Runtime, save_grid
+from training.runtime import save_grid
+from training.state import ResumeError
 from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
-from turbo.base import BaseModel, load_base
+from turbo import lora
+from turbo.base import BaseModel
 from turbo.formats import TurboCheckpoint
 from turbo.generator import Generator
 from turbo.preprocess import to_model_input
@@ -61,9 +64,14 @@ __all__ = ["UnpairedConfig", "UnpairedTrainer", "TrainResult", "train", "main"]
 
 @dataclass
 class UnpairedConfig(CommonConfig):
-    """Unpaired-training options on top of CommonConfig; defaults are the original's."""
+    """Unpaired-training options on top of CommonConfig. The defaults are the original's horse2zebra
+    recipe (the command in its README), which sets most of them on the command line: its argparse
+    has no default for some (max steps) and paired-training ones for others. Checks shared with the
+    paired trainer (lambdas, ranks, finite numbers) are CommonConfig.validate's."""
 
-    # the original's unpaired defaults where they differ from the shared (paired) ones
+    network_fields = (*CommonConfig.network_fields, "dino_model")
+
+    # the recipe's values where they differ from the shared (paired) ones
     train_image_prep: str = "resize_286_randomcrop_256x256_hflip"
     test_image_prep: str = "no_resize"
     batch_size: int = 1
@@ -80,21 +88,12 @@ class UnpairedConfig(CommonConfig):
     gan_loss_type: str = "multilevel_sigmoid"
     rank_unet: int = 128
     rank_vae: int = 4
+    double_conv_updates: bool = True  # the original's optimizer lists these LoRA weights twice
     dino_model: str = DINO_HUB_ID
     track_dino: bool = True
-    fid_weights: str | None = None
 
     def validate(self) -> None:
         super().validate()
-        for f in ("lambda_gan", "lambda_idt", "lambda_cycle", "lambda_cycle_lpips", "lambda_idt_lpips"):
-            if getattr(self, f) < 0:
-                raise ConfigError(f"--{f.replace('_', '-')} must be 0 or more, got {getattr(self, f)}")
-        if self.rank_unet < 1 or self.rank_vae < 1:
-            raise ConfigError(f"LoRA ranks must be at least 1, got {self.rank_unet}/{self.rank_vae}")
-        if self.frozen_dtype not in ("auto", "fp32") and self.mixed_precision == "no":
-            raise ConfigError(
-                "--frozen-dtype fp16/bf16 needs --mixed-precision (trainable weights stay fp32)"
-            )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,18 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--rank-unet", type=int, default=d.rank_unet)
     g.add_argument("--rank-vae", type=int, default=d.rank_vae)
+    g.add_argument(
+        "--double-conv-updates", action=argparse.BooleanOptionalAction, default=d.double_conv_updates,
+        help="two AdamW updates per step for the first conv's and skip convs' LoRA weights, as the "
+        "original's optimizer, which lists them twice, gives them",
+    )  # fmt: skip
     g = p.add_argument_group("unpaired validation (test_A/test_B, both directions)")
     g.add_argument("--dino-model", default=d.dino_model, help="DINO ViT for the structure distance")
     g.add_argument(
         "--track-dino", action=argparse.BooleanOptionalAction, default=d.track_dino,
         help="DINO structure distance in validation",
     )  # fmt: skip
-    g.add_argument("--fid-weights", default=None, help="FID Inception state dict file (default: download)")
     return p
 
 
 def parse_config(argv: list[str] | None = None) -> UnpairedConfig:
-    return config_from_args(UnpairedConfig, build_parser().parse_args(argv))
+    return parse_into(UnpairedConfig, build_parser(), argv)
 
 
 class UnpairedTrainer(Trainer):
@@ -138,21 +141,29 @@ class UnpairedTrainer(Trainer):
 
     kind = "unpaired"
 
-    def __init__(
-        self,
-        cfg: UnpairedConfig,
-        rt: Runtime | None = None,
-        base: BaseModel | None = None,
-        networks: dict[str, torch.nn.Module] | None = None,
-    ) -> None:
-        """base / networks ("disc_a", "disc_b", "lpips"): already built ones to use instead of loading
-        them from cfg (benchmarks build random full-size networks in memory)."""
-        super().__init__(cfg, rt)
-        rt, dev = self.rt, self.rt.device
-        self.train_set = UnpairedDataset(
-            cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed, batch_size=cfg.batch_size
+    def _datasets(self) -> None:
+        """The training set; the test split (both domains) too when validation will read it: every
+        problem of every split at once."""
+        cfg = self.cfg
+        root = Path(cfg.dataset)
+        validate = cfg.eval_every > 0 and cfg.num_eval_samples != 0
+        if validate and not ((root / "test_A").is_dir() and (root / "test_B").is_dir()):
+            logger.warning("no test_A/ or test_B/ in %s: validation is off", cfg.dataset)
+            validate = False
+        self.validate_on_test = validate
+        self.train_set, _ = check_all(
+            lambda: UnpairedDataset(
+                cfg.dataset, "train", cfg.train_image_prep, seed=cfg.seed, batch_size=cfg.batch_size
+            ),
+            lambda: check_unpaired_dataset(cfg.dataset, "test", cfg.test_image_prep, captions=False)
+            if validate
+            else None,
         )
-        self.base = base or load_base(cfg.base, device=dev, dtype=rt.frozen_dtype)
+
+    def _build(self, base: BaseModel | None, networks: dict[str, torch.nn.Module]) -> None:
+        """networks: "disc_a", "disc_b", "lpips" (see Trainer)."""
+        cfg, rt, dev = self.cfg, self.rt, self.rt.device
+        self.base = self._load_base(base)
         # The captions are fixed: encode them once and free the text encoder.
         self.captions = {"a": self.train_set.caption_src, "b": self.train_set.caption_tgt}
         self.emb = {
@@ -167,15 +178,20 @@ class UnpairedTrainer(Trainer):
         self.gen.new_model(MODEL, "unpaired", rank_unet=cfg.rank_unet, rank_vae=cfg.rank_vae)
         self.params = self.gen.trainable_parameters(MODEL)
         self._prepare_trainable()
-        nets = networks or {}
+        twice = self.listed_twice() if cfg.double_conv_updates else []
+        # clipped as the original clips its list: the norm counts these twice
+        self.clip_params = self.params + twice
+        nets = networks
         disc_a = nets.get("disc_a") or build_discriminator(cfg.disc_backbone, cfg.gan_loss_type, dev)
         # Both discriminators share one frozen CLIP tower (only their heads differ), stored in the
         # frozen dtype: one ViT-B/32 in memory instead of two.
         disc_a.backbone.to(dtype=rt.frozen_dtype)
         disc_b = nets.get("disc_b") or CLIPDiscriminator(disc_a.backbone, loss_type=cfg.gan_loss_type)
         self.disc = {"a": disc_a, "b": disc_b.to(dev).train()}
-        self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev)
-        opt_g = self._adamw(self.params)
+        self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev, cfg.lpips_vgg)
+        twice_ids = {id(p) for p in twice}
+        once = [p for p in self.params if id(p) not in twice_ids]
+        opt_g = self._adamw([{"params": once}] + ([{"params": twice, "updates": 2}] if twice else []))
         opt_d = self._adamw(self.disc["a"].trainable_parameters() + self.disc["b"].trainable_parameters())
         self.sched_g = self._schedule(opt_g, GEN_UPDATES_PER_STEP)
         self.sched_d = self._schedule(opt_d, DISC_UPDATES_PER_STEP)
@@ -189,7 +205,6 @@ class UnpairedTrainer(Trainer):
         if rt.is_main and cfg.eval_every > 0 and cfg.num_eval_samples != 0:
             self._build_evaluators()
         rt.barrier()
-        self._start()  # resume; from here on, each process its own augmentations
 
     # -- model -------------------------------------------------------------------------------------
 
@@ -200,6 +215,26 @@ class UnpairedTrainer(Trainer):
             image_prep=self.cfg.test_image_prep, base_model=self.cfg.base,
         )  # fmt: skip
         return as_fp32(ckpt)
+
+    def listed_twice(self) -> list[torch.nn.Parameter]:
+        """The trainable weights the original's optimizer list holds twice: its `get_traininable_params`
+        adds every LoRA weight, then the first conv's and each skip conv's parameters, which include
+        those convs' LoRA weights again."""
+        m = self.gen.models[MODEL]
+        lora_weights = lora.lora_parameters(self.gen.unet, m.id)
+        convs = list(self.gen.unet.conv_in.trained[m.id].parameters())
+        for d in m.directions:
+            lora_weights += lora.lora_parameters(self.gen.vae, m.vae_id(d))
+            skips = self.gen.vae.skips[m.vae_id(d)]
+            convs += [p for i in range(len(skips.names)) for p in skips[i].parameters()]
+        in_lora = {id(p) for p in lora_weights}
+        trainable = {id(p) for p in self.params}
+        twice, seen = [], set()
+        for p in convs:
+            if id(p) in in_lora and id(p) in trainable and id(p) not in seen:
+                seen.add(id(p))
+                twice.append(p)
+        return twice
 
     def translate(self, x: torch.Tensor, direction: str) -> torch.Tensor:
         """Images in [-1, 1] (B, 3, H, W) -> the other domain, with the model being trained."""
@@ -217,6 +252,12 @@ class UnpairedTrainer(Trainer):
             "opt_d": self.opt_d.state_dict(),
             "sched_d": self.sched_d.state_dict(),
         }
+
+    def _check_state(self, folder: Path, state: dict, saved_cfg: dict) -> None:
+        saved = bool(saved_cfg.get("double_conv_updates", False))  # older runs updated them once
+        if saved != self.cfg.double_conv_updates:
+            flag = "--double-conv-updates" if saved else "--no-double-conv-updates"
+            raise ResumeError(f"{folder}: saved with {flag}, which sets up another optimizer; resume with it")
 
     def _load_extra_state(self, folder: Path, state: dict) -> None:
         for d in DOMAINS:
@@ -244,7 +285,7 @@ class UnpairedTrainer(Trainer):
         return loss
 
     def _gen_update(self) -> None:
-        self.rt.accelerator.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.rt.accelerator.clip_grad_norm_(self.clip_params, self.cfg.max_grad_norm)
         self.opt_g.step()
         self.sched_g.step()
         self.opt_g.zero_grad(set_to_none=True)
@@ -312,8 +353,7 @@ class UnpairedTrainer(Trainer):
 
     def _build_evaluators(self) -> None:
         cfg = self.cfg
-        if not (Path(cfg.dataset) / "test_A").is_dir() or not (Path(cfg.dataset) / "test_B").is_dir():
-            logger.warning("no test_A/ or test_B/ in %s: validation is off", cfg.dataset)
+        if not self.validate_on_test:
             return
         fid, dino = build_metrics(not cfg.track_fid, not cfg.track_dino, cfg.dino_model, cfg.fid_weights,
                                   self.rt.device)  # fmt: skip
