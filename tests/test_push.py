@@ -502,17 +502,17 @@ def test_a_failed_final_push_is_reported_and_keeps_the_files(assets, tmp_path, m
          "dataset id (owner/name)"),
     ],
 )  # fmt: skip
-def test_bad_push_options_fail_before_the_base_loads(assets, tmp_path, capsys, extra, message):
+def test_bad_push_options_fail_before_the_base_loads(assets, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.setattr("training.trainer.load_base", lambda *a, **k: pytest.fail("the base was loaded"))
     argv = paired_argv(assets, tmp_path / "run", "--max-steps", "1", *extra)
-    argv[argv.index("--base") + 1] = str(tmp_path / "no_base")  # loading it would be another error
     assert paired_main(argv) == 2
     assert capsys.readouterr().err.startswith(message)
 
 
 def test_no_token_fails_before_the_base_loads(assets, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("training.trainer.load_base", lambda *a, **k: pytest.fail("the base was loaded"))
     argv = paired_argv(assets, tmp_path / "run", "--max-steps", "1", "--push-to-hub", "me/x")
-    argv[argv.index("--base") + 1] = str(tmp_path / "no_base")
     assert paired_main(argv) == 2
     assert capsys.readouterr().err == (
         "error: not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN to a token with "

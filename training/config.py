@@ -157,6 +157,16 @@ class CommonConfig:
                 'docs/training.md, "Training offline")'
             )
 
+    def _validate_push(self) -> None:
+        """The Hub options' syntax, before anything loads (the token is checked by training.hub_push)."""
+        if self.push_to_hub is not None:
+            check_repo_id(self.push_to_hub, "--push-to-hub")
+        if self.push_dataset is not None:
+            check_dataset_id(self.push_dataset, "--push-dataset")
+        if (self.push_every_checkpoint or self.push_private) and not self.push_to_hub:
+            flag = "--push-every-checkpoint" if self.push_every_checkpoint else "--push-private"
+            raise ConfigError(f"{flag} needs --push-to-hub owner/name")
+
 
 def _flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
@@ -176,16 +186,6 @@ def check_network_source(flag: str, source: str | None) -> None:
             f"{flag} {source}: the folder does not exist (pass a folder saved with save_pretrained, or a "
             'hub id; offline, see docs/training.md, "Training offline")'
         )
-
-    def _validate_push(self) -> None:
-        """The Hub options' syntax, before anything loads (the token is checked by training.hub_push)."""
-        if self.push_to_hub is not None:
-            check_repo_id(self.push_to_hub, "--push-to-hub")
-        if self.push_dataset is not None:
-            check_dataset_id(self.push_dataset, "--push-dataset")
-        if (self.push_every_checkpoint or self.push_private) and not self.push_to_hub:
-            flag = "--push-every-checkpoint" if self.push_every_checkpoint else "--push-private"
-            raise ConfigError(f"{flag} needs --push-to-hub owner/name")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
