@@ -37,10 +37,10 @@ def checkpoint_files(base_dir: str) -> dict[str, Path]:
     out = Path(tempfile.mkdtemp(prefix="turbo-app-ckpts-"))
     g = Generator(load_base(base_dir, device="cpu"))
     specs = {
-        "sketch": dict(kind="paired", stochastic=True, prompts={"a2b": "a cat"}, input="sketch"),
-        "edges": dict(kind="paired", stochastic=False, prompts={}, input="canny"),
+        "sketch": dict(kind="paired", stochastic=True, prompts={"a2b": "a cat"}, preprocess="sketch"),
+        "edges": dict(kind="paired", stochastic=False, prompts={}, preprocess="canny"),
         "unpaired": dict(
-            kind="unpaired", stochastic=False, prompts={"a2b": "night", "b2a": "day"}, input="unpaired"
+            kind="unpaired", stochastic=False, prompts={"a2b": "night", "b2a": "day"}, preprocess="unpaired"
         ),
     }
     files = {}
@@ -51,7 +51,8 @@ def checkpoint_files(base_dir: str) -> dict[str, Path]:
             for p in g.trainable_parameters(name):
                 p.copy_(torch.randn_like(p) * 0.05)
         files[name] = save_checkpoint(
-            g.export(name, prompts=spec["prompts"], input=spec["input"]), out / f"{name}.safetensors"
+            g.export(name, prompts=spec["prompts"], preprocess=spec["preprocess"]),
+            out / f"{name}.safetensors",
         )
     return files
 
@@ -128,13 +129,13 @@ def test_folder_reports_broken_files_rereads_changed_ones_and_forgets_deleted(mo
     assert entries["broken.safetensors"].status == "unusable"
     assert "safetensors" in entries["broken.safetensors"].reason
     assert entries["junk.pkl"].status == "unusable" and entries["junk.pkl"].reason
-    assert entries["sketch.safetensors"].stochastic and entries["sketch.safetensors"].input == "sketch"
+    assert entries["sketch.safetensors"].stochastic and entries["sketch.safetensors"].preprocess == "sketch"
     assert entries["unpaired.safetensors"].directions == ["a2b", "b2a"]
     # a file replaced by another checkpoint is read again
     shutil.copy(checkpoint_files(str(tiny_base_dir))["edges"], models_dir / "sketch.safetensors")
     os.utime(models_dir / "sketch.safetensors", (time.time() - 10, time.time() - 10))
     changed = {m.name: m for m in folder.scan()}["sketch.safetensors"]
-    assert changed.input == "canny" and not changed.stochastic
+    assert changed.preprocess == "canny" and not changed.stochastic
     (models_dir / "sketch.safetensors").unlink()
     assert "sketch.safetensors" not in [m.name for m in folder.scan()]
 
@@ -288,7 +289,7 @@ def test_refresh_and_upload_handlers(app, models_dir, tmp_path):
 
     g = Generator(load_base(make_tiny_base(tmp_path / "wide", seed=1, unet_channels=(24, 32)), device="cpu"))
     g.new_model("m", kind="paired")
-    foreign = save_checkpoint(g.export("m", prompts={}, input="canny"), tmp_path / "foreign.safetensors")
+    foreign = save_checkpoint(g.export("m", prompts={}, preprocess="canny"), tmp_path / "foreign.safetensors")
     update, text, status = app.upload_checkpoint(str(foreign))
     assert "foreign.safetensors does not fit the base model: " in status and str(tmp_path) not in status
     assert not (models_dir / "foreign.safetensors").exists() and "foreign" not in text

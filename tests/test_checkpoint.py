@@ -85,7 +85,7 @@ BAD_METADATA = [
     ("alpha_vae", "inf", "alpha_vae"),
     ("kind", "PAIRED", "kind"),
     ("kind", None, "kind"),
-    ("input", "edges", "input"),
+    ("preprocess", "edges", "preprocess"),
     ("image_prep", "bogus", "image_prep"),
 ]
 
@@ -98,6 +98,14 @@ def test_metadata_the_writer_never_writes_is_a_checkpoint_error_naming_file_and_
     with pytest.raises(CheckpointError, match=message) as err:
         load_checkpoint(path)
     assert str(err.value).startswith(f"{path}: ") and len(str(err.value)) < 300
+
+
+def test_a_file_from_before_the_rename_reads_its_input_key_as_preprocess(originals, tmp_path):
+    """Files written before one name per concept call the input preparation "input"."""
+    path = _rewritten(originals / "paired.safetensors", tmp_path, preprocess=None, input="sketch")
+    assert load_checkpoint(path).preprocess == "sketch"
+    with safe_open(str(originals / "paired.safetensors"), framework="pt") as f:
+        assert "preprocess" in f.metadata() and "input" not in f.metadata()
 
 
 def test_what_the_writer_writes_reads_back(originals):
@@ -153,9 +161,9 @@ def test_released_files_get_what_the_original_hard_codes_for_them(originals, tmp
     (tmp_path / released.filename).write_bytes(source.read_bytes())
     ckpt = load_checkpoint(tmp_path / released.filename)
     plain = load_checkpoint(source)
-    assert (ckpt.input, ckpt.image_prep) == (released.preprocess, released.image_prep)
+    assert (ckpt.preprocess, ckpt.image_prep) == (released.preprocess, released.image_prep)
     if released.kind == "paired":
-        assert plain.input == "none" and ckpt.prompts == {}
+        assert plain.preprocess == "none" and ckpt.prompts == {}
     else:
         assert ckpt.prompts == {released.direction: released.caption} and plain.prompts == {}
 
@@ -184,11 +192,12 @@ def test_the_checked_label_tuples_are_the_literal_types_values():
     """One source: the tuples validate() checks against are read off the Literal types."""
     from typing import get_args
 
-    from turbo.formats import DIRECTIONS, INPUTS, KINDS
+    from turbo.formats import DIRECTIONS, KINDS, PREPROCESSES
     from turbo.formats.checkpoint import Direction, Kind, Preprocess, is_direction
-    from turbo.preprocess import INPUT_KINDS
+    from turbo.preprocess import PREPROCESSES as IN_PREPROCESS
 
     assert KINDS == get_args(Kind) == ("paired", "unpaired")
     assert DIRECTIONS == get_args(Direction) == ("a2b", "b2a")
-    assert INPUTS == INPUT_KINDS == get_args(Preprocess) == ("canny", "sketch", "none", "unpaired")
+    assert PREPROCESSES is IN_PREPROCESS
+    assert PREPROCESSES == get_args(Preprocess) == ("canny", "sketch", "none", "unpaired")
     assert [is_direction(d) for d in ("a2b", "b2a", "A2B", None)] == [True, True, False, False]

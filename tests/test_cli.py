@@ -70,6 +70,20 @@ def test_convert_then_translate_gives_same_image(files, tiny_base_dir, capsys):
     assert np.abs(outs[0] - outs[1]).max() <= 1
 
 
+def test_convert_preprocess_and_its_old_name(files, tmp_path, capsys, caplog):
+    """One name for the input preparation: --preprocess; --input-kind (its old name) still works."""
+    new, old = tmp_path / "new.safetensors", tmp_path / "old.safetensors"
+    assert run(["convert", str(files / "sketch.pkl"), str(new), "--preprocess", "canny"], capsys)[0] == 0
+    assert not caplog.records
+    assert run(["convert", str(files / "sketch.pkl"), str(old), "--input-kind", "canny"], capsys)[0] == 0
+    assert load_checkpoint(new).preprocess == load_checkpoint(old).preprocess == "canny"
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == ["--input-kind is deprecated; it is now called --preprocess"]
+    with pytest.raises(SystemExit) as e:
+        main(["convert", str(files / "sketch.pkl"), str(tmp_path / "x.safetensors"), "--input-kind", "edges"])
+    assert e.value.code == 2 and "invalid choice: 'edges'" in capsys.readouterr().err
+
+
 def test_translate_folder(files, tiny_base_dir, capsys):
     folder = files / "inputs"
     folder.mkdir()

@@ -47,7 +47,7 @@ def test_released_edge_model_uses_canny_of_the_resized_input(pipe):
     img = drawing()
     result = pipe.translate(img, "edge_to_image", "a house", canny_low=50, canny_high=150)
     info = pipe.models["edge_to_image"]
-    assert info.input == "canny" and info.kind == "paired"
+    assert info.preprocess == "canny" and info.kind == "paired"
     edges = pp.canny_edges(pp.resize_to_multiple_of_8(img), 50, 150)
     assert np.array_equal(np.asarray(result.condition), 255 - np.asarray(edges))
     x, _ = pipe.prepare(img, info, 50, 150)
@@ -81,7 +81,7 @@ def test_released_file_given_by_path_is_fed_as_its_released_name(pipe, cache, na
     downloaded the .pkl and passes its path must get the same image."""
     by_name, by_path = pipe.load(name), pipe.load(cache / RELEASED[name].filename)
     assert by_path.key != by_name.key
-    for field in ("kind", "stochastic", "input", "image_prep", "default_direction", "default_gamma"):
+    for field in ("kind", "stochastic", "preprocess", "image_prep", "default_direction", "default_gamma"):
         assert getattr(by_path, field) == getattr(by_name, field), field
     if name == "night_to_day":
         assert by_path.prompts == {"b2a": "driving in the day"} and by_path.image_prep == "resize_512x512"

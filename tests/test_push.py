@@ -107,7 +107,7 @@ def models(tiny_base_dir, tmp_path_factory) -> dict[str, Path]:
     RefPaired(str(tiny_base_dir), seed=1).save_pkl(folder / "paired.pkl")
     ckpt = load_checkpoint(folder / "paired.pkl")
     ckpt.prompts["a2b"] = "a photo of a cat"
-    ckpt.input = "canny"
+    ckpt.preprocess = "canny"
     save_checkpoint(ckpt, folder / "paired.safetensors")
     save_file({"w": torch.zeros(2)}, folder / "plain.safetensors", metadata={"format": "pt"})
     (folder / "notes.txt").write_text("not a model")
@@ -301,7 +301,7 @@ def test_check_repo_id_and_is_hub_id_follow_huggingface_hub():
 
 def test_a_stochastic_models_card_gives_gamma_and_lines_a_shell_runs_as_written(models):
     ckpt = load_checkpoint(models / "paired.safetensors")
-    ckpt.stochastic, ckpt.input, ckpt.base_model = True, "sketch", "/my models/sd-turbo"
+    ckpt.stochastic, ckpt.preprocess, ckpt.base_model = True, "sketch", "/my models/sd-turbo"
     ckpt.prompts["a2b"] = 'a "quoted" $HOME'
     text = build_model_card(ckpt, "me/sketch")
     data = ModelCard(text).data.to_dict()

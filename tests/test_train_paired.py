@@ -159,7 +159,7 @@ def test_two_processes_end_with_identical_weights(assets, tmp_path):
 
 def test_stochastic_from_an_existing_model_publishes_a_gamma_model(assets, tmp_path):
     first = train(config(assets, tmp_path / "plain", max_steps=1, lambda_gan=0, lambda_clipsim=0))
-    assert not first.checkpoint.stochastic and first.checkpoint.input == "canny"
+    assert not first.checkpoint.stochastic and first.checkpoint.preprocess == "canny"
     publish = tmp_path / "app_models"
     cfg = config(
         assets, tmp_path / "gamma", stochastic=True, init_from=str(tmp_path / "plain" / "model.safetensors"),
@@ -167,7 +167,7 @@ def test_stochastic_from_an_existing_model_publishes_a_gamma_model(assets, tmp_p
     )  # fmt: skip
     assert main(argv(cfg)) == 0
     published = load_checkpoint(publish / "shapes.safetensors")
-    assert published.stochastic and published.input == "sketch"
+    assert published.stochastic and published.preprocess == "sketch"
     assert published.prompts == {"a2b": "a shape"}
     assert not [p for p in publish.iterdir() if p.name != "shapes.safetensors"]  # no temp files left
     # the twin conv is the base's first conv; the trained one started from the earlier model
@@ -360,7 +360,7 @@ def test_init_from_a_hub_id_starts_from_the_same_weights_as_the_local_file(
         for p in g.trainable_parameters("m"):
             p.copy_(torch.randn_like(p) * 0.05)
     local = save_checkpoint(
-        g.export("m", prompts={"a2b": "a shape"}, input="canny"), tmp_path / "m.safetensors"
+        g.export("m", prompts={"a2b": "a shape"}, preprocess="canny"), tmp_path / "m.safetensors"
     )
     add_to_hub_cache(tmp_path / "hub", "me/shapes", {"m.safetensors": local})
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -406,6 +406,18 @@ def test_every_numeric_flag_is_checked_alike_in_both_trainers_before_anything_lo
     # a negative value right after its flag is a value, not another flag; `=` works as before
     assert parse_paired([*required, "--num-eval-samples", "-1", "--lambda-l2=2"]).lambda_l2 == 2.0
     assert parse_unpaired([*required, "--adam-beta1", "0.5"]).adam_beta1 == 0.5
+
+
+def test_preprocess_flag_and_its_old_name(tmp_path, caplog):
+    from training.paired import parse_config as parse_paired
+
+    required = ["--dataset", str(tmp_path / "no_data"), "--output", str(tmp_path / "out")]
+    assert parse_paired(required).preprocess == "auto"
+    assert parse_paired([*required, "--preprocess", "sketch"]).preprocess == "sketch"
+    assert not caplog.records
+    assert parse_paired([*required, "--input", "none"]).preprocess == "none"
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == ["--input is deprecated; it is now called --preprocess"]
 
 
 def test_network_flags_given_as_paths_must_exist(assets, tmp_path, capsys):

@@ -38,13 +38,14 @@ from training.runtime import save_grid
 from training.state import ResumeError
 from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
 from turbo.base import BaseModel
+from turbo.deprecated_flags import add_renamed
 from turbo.formats import TurboCheckpoint, load_checkpoint
 from turbo.generator import Generator
 
 logger = logging.getLogger(__name__)
 
 MODEL = "train"  # the name of the model being trained inside the Generator
-INPUT_KINDS = ("auto", "canny", "sketch", "none")
+PREPROCESS_CHOICES = ("auto", "canny", "sketch", "none")
 
 
 @dataclass
@@ -65,13 +66,15 @@ class PairedConfig(CommonConfig):
     stochastic: bool = False
     init_from: str | None = None
     default_prompt: str | None = None
-    input: str = "auto"
+    preprocess: str = "auto"
     eval_gamma: float = 1.0
 
     def validate(self) -> None:
         super().validate()
-        if self.input not in INPUT_KINDS:
-            raise ConfigError(f"--input {self.input!r} is not one of {', '.join(INPUT_KINDS)}")
+        if self.preprocess not in PREPROCESS_CHOICES:
+            raise ConfigError(
+                f"--preprocess {self.preprocess!r} is not one of {', '.join(PREPROCESS_CHOICES)}"
+            )
         if not 0.0 <= self.eval_gamma <= 1.0:
             raise ConfigError(f"--eval-gamma must lie in [0, 1], got {self.eval_gamma}")
         if self.eval_gamma < 1 and not self.stochastic:
@@ -102,11 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--default-prompt", default=None, help="prompt stored in the model (default: first caption)"
     )
     g.add_argument(
-        "--input",
-        default=d.input,
-        choices=INPUT_KINDS,
-        help="how the app prepares inputs; auto: sketch if --stochastic else canny",
+        "--preprocess",
+        default=d.preprocess,
+        choices=PREPROCESS_CHOICES,
+        help="how the model's inputs are prepared (stored in it); auto: sketch if --stochastic else canny",
     )
+    add_renamed(g, "--input", "--preprocess", choices=PREPROCESS_CHOICES)
     g.add_argument("--eval-gamma", type=float, default=d.eval_gamma, help="gamma for validation (stochastic)")
     return p
 
@@ -167,7 +171,8 @@ class PairedTrainer(Trainer):
             self.disc_ddp = self.opt_d = self.sched_d = None
         self._setup_data(self.train_set)
         self.prompt = cfg.default_prompt or self.train_set.prompts[self.train_set.names[0]]
-        self.input_kind = cfg.input if cfg.input != "auto" else ("sketch" if cfg.stochastic else "canny")
+        auto = "sketch" if cfg.stochastic else "canny"
+        self.preprocess = cfg.preprocess if cfg.preprocess != "auto" else auto
         self.evaluator: PairedEvaluator | None = None  # built at the first validation
 
     # -- model -------------------------------------------------------------------------------------
@@ -208,7 +213,7 @@ class PairedTrainer(Trainer):
     def export(self) -> TurboCheckpoint:
         """The model trained so far, in turbo's format (fp32 tensors, prompt and input metadata)."""
         ckpt = self.gen.export(
-            MODEL, prompts={"a2b": self.prompt}, input=self.input_kind, base_model=self.cfg.base
+            MODEL, prompts={"a2b": self.prompt}, preprocess=self.preprocess, base_model=self.cfg.base
         )
         return as_fp32(ckpt)
 

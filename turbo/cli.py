@@ -19,11 +19,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from turbo.base import DEFAULT_BASE, DTYPES, BaseModelError, resolve_device
+from turbo.deprecated_flags import add_renamed
 from turbo.errors import TurboError
 from turbo.formats import CheckpointError, load_checkpoint, save_checkpoint
 from turbo.model_card import DEFAULT_LICENSE
 from turbo.model_source import FORMS, model_file, parse_model
-from turbo.pipeline import MAX_SEED, GammaError, Pipeline, Translation
+from turbo.pipeline import MAX_SEED, PREPROCESS_CHOICES, GammaError, Pipeline, Translation
 from turbo.preprocess import (
     EVAL_IMAGE_PREPS,
     ImageError,
@@ -128,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--preprocess",
-        choices=["canny", "sketch", "none"],
+        choices=PREPROCESS_CHOICES,
         help="paired models: canny edges, sketch strokes, or the image as given (default: the model's)",
     )
     t.add_argument("--canny-low", type=_threshold, default=100, help="0..255, at most --canny-high")
@@ -155,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--caption-a", help="unpaired: caption of domain A (used for b2a)")
     c.add_argument("--caption-b", help="unpaired: caption of domain B (used for a2b)")
     c.add_argument(
-        "--input-kind", choices=["canny", "sketch", "none"], help="paired: how inputs are prepared"
+        "--preprocess", choices=PREPROCESS_CHOICES, help="paired: how the model's inputs are prepared"
     )
+    add_renamed(c, "--input-kind", "--preprocess", choices=PREPROCESS_CHOICES)
     c.add_argument("--image-prep", choices=EVAL_IMAGE_PREPS, help="unpaired: image preparation")
     c.add_argument("--base-model", default=DEFAULT_BASE, help="base model id recorded in the file")
 
@@ -419,8 +421,8 @@ def convert(args: argparse.Namespace) -> int:
     if ckpt.kind == "paired":
         if args.prompt:
             ckpt.prompts["a2b"] = args.prompt
-        if args.input_kind:
-            ckpt.input = args.input_kind
+        if args.preprocess:
+            ckpt.preprocess = args.preprocess
     else:
         if args.caption_b:
             ckpt.prompts["a2b"] = args.caption_b

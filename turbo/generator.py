@@ -280,8 +280,8 @@ class Generator(nn.Module):
             kind=m.kind, stochastic=m.stochastic, rank_unet=m.rank_unet, alpha_unet=m.alpha_unet,
             rank_vae=m.rank_vae, alpha_vae=m.alpha_vae, unet=unet, vae=vae, **fields,
         )  # fmt: skip
-        if "input" not in fields:
-            ckpt.input = "unpaired" if m.kind == "unpaired" else ("sketch" if m.stochastic else "none")
+        if "preprocess" not in fields:
+            ckpt.preprocess = "unpaired" if m.kind == "unpaired" else ("sketch" if m.stochastic else "none")
         return ckpt
 
     # ---- the forward pass ----

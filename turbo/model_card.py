@@ -159,7 +159,7 @@ def _what(ckpt: TurboCheckpoint, base_on_hub: bool) -> str:
             "made with turbo: LoRA adapters on the UNet and the VAE plus skip connections from the "
             "encoder to the decoder.",
             "",
-            f"- Input: {_INPUT_TEXT.get(ckpt.input, ckpt.input)}",
+            f"- Input: {_INPUT_TEXT.get(ckpt.preprocess, ckpt.preprocess)}",
         ]
         prompt = ckpt.prompt_for("a2b")
         lines.append(f"- Default prompt: `{prompt}`" if prompt else "- Default prompt: none (give one)")

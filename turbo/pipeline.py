@@ -54,7 +54,7 @@ class ModelInfo:
     kind: Kind
     stochastic: bool
     directions: list[Direction]
-    input: pp.Preprocess
+    preprocess: pp.Preprocess
     image_prep: str | None
     prompts: dict[Direction, str] = field(default_factory=dict)
     default_direction: Direction = "a2b"
@@ -114,7 +114,7 @@ def _info_for(source: ModelSource, ckpt: TurboCheckpoint, version: tuple[int, in
         prompts = {direction: released.caption} if released.caption else {}
         return ModelInfo(
             key=key, name=key, kind=released.kind, stochastic=released.stochastic, directions=[direction],
-            input=released.preprocess, image_prep=released.image_prep, prompts=prompts,
+            preprocess=released.preprocess, image_prep=released.image_prep, prompts=prompts,
             default_direction=direction, default_gamma=released.default_gamma,
             example_prompt=released.example_prompt,
         )  # fmt: skip
@@ -123,7 +123,7 @@ def _info_for(source: ModelSource, ckpt: TurboCheckpoint, version: tuple[int, in
     default_direction = next((d for d in ckpt.directions if ckpt.prompts.get(d)), ckpt.directions[0])
     return ModelInfo(
         key=key, name=name, kind=ckpt.kind, stochastic=ckpt.stochastic, directions=ckpt.directions,
-        input=ckpt.input, image_prep=ckpt.image_prep, prompts=dict(ckpt.prompts),
+        preprocess=ckpt.preprocess, image_prep=ckpt.image_prep, prompts=dict(ckpt.prompts),
         default_direction=default_direction, default_gamma=0.4 if ckpt.stochastic else None, version=version,
     )  # fmt: skip
 
@@ -264,7 +264,7 @@ class Pipeline:
     ) -> tuple[torch.Tensor, Image.Image | None]:
         """PIL image -> model input (1, 3, H, W) (H, W multiples of 8) and the condition image shown
         to users (edges/sketch, or None). `preprocess` overrides a paired model's own preparation."""
-        kind = info.input
+        kind = info.preprocess
         override = _check_preprocess(preprocess)
         if override is not None:
             if info.kind != "paired":

@@ -29,7 +29,7 @@ MAX_PIXELS = 8192 * 8192
 
 # How an image becomes a model input (see `to_model_input`); a checkpoint records its own.
 Preprocess = Literal["canny", "sketch", "none", "unpaired"]
-INPUT_KINDS: tuple[Preprocess, ...] = get_args(Preprocess)
+PREPROCESSES: tuple[Preprocess, ...] = get_args(Preprocess)
 
 IMAGE_PREPS = (
     "resized_crop_512",
@@ -234,8 +234,8 @@ def to_model_input(image: Image.Image, kind: Preprocess) -> torch.Tensor:
       "none"     the image as is, in [0, 1] (the original paired CLI for custom models);
       "unpaired" the image normalised to [-1, 1].
     """
-    if kind not in INPUT_KINDS:
-        raise SettingError(f"unknown input kind {kind!r}; valid kinds: {', '.join(INPUT_KINDS)}")
+    if kind not in PREPROCESSES:
+        raise SettingError(f"unknown preprocess {kind!r}; one of {', '.join(PREPROCESSES)}")
     if image.mode != "RGB":
         image = image.convert("RGB")
     tensor = TF.to_tensor(image)

@@ -153,7 +153,7 @@ def apply_released_conventions(ckpt: TurboCheckpoint, filename: str) -> bool:
     released = released_file(filename)
     if released is None:
         return False
-    ckpt.input, ckpt.image_prep = released.preprocess, released.image_prep
+    ckpt.preprocess, ckpt.image_prep = released.preprocess, released.image_prep
     if released.caption:
         assert released.direction is not None, "a caption belongs to an unpaired model's direction"
         ckpt.prompts[released.direction] = released.caption

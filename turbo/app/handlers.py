@@ -132,8 +132,8 @@ def parse_canny(low: object, high: object) -> tuple[int, int]:
 class Choice:
     """One entry of the model dropdown: a released model or one direction of a checkpoint file.
 
-    model: released name or checkpoint path (what `Pipeline.load` takes); input: canny | sketch |
-    none | unpaired; prompt: the caption (unpaired) or the file's default prompt (paired), if any.
+    model: released name or checkpoint path (what `Pipeline.load` takes); preprocess: canny |
+    sketch | none | unpaired; prompt: the caption (unpaired) or the file's default prompt (paired), if any.
     """
 
     label: str
@@ -141,7 +141,7 @@ class Choice:
     direction: str | None
     kind: str
     stochastic: bool
-    input: str
+    preprocess: str
     prompt: str | None = None
     example_prompt: str | None = None
     released: bool = False
@@ -151,7 +151,12 @@ class Choice:
     @property
     def tab(self) -> str:
         """Which input the model needs first: the sketch canvas or the image upload."""
-        return "sketch" if self.input == "sketch" else "upload"
+        return "sketch" if self.preprocess == "sketch" else "upload"
+
+    @property
+    def translates(self) -> str:
+        """What the model takes, in words ("Canny edges of your image", ...)."""
+        return INPUT_WORDS.get(self.preprocess, self.preprocess)
 
 
 def released_choices() -> list[Choice]:
@@ -162,7 +167,7 @@ def released_choices() -> list[Choice]:
             direction=m.direction,
             kind=m.kind,
             stochastic=m.stochastic,
-            input=m.preprocess,
+            preprocess=m.preprocess,
             prompt=m.caption,
             example_prompt=m.example_prompt,
             released=True,
@@ -183,7 +188,7 @@ def folder_choices(entry: FolderModel) -> list[Choice]:
                 direction=d,
                 kind=entry.kind,
                 stochastic=entry.stochastic,
-                input=entry.input,
+                preprocess=entry.preprocess,
                 prompt=entry.prompts.get(d) or None,
             )  # fmt: skip
         )
@@ -205,7 +210,7 @@ def hub_choices(hub_id: str, info: ModelInfo) -> list[Choice]:
             direction=d,
             kind=info.kind,
             stochastic=info.stochastic,
-            input=info.input,
+            preprocess=info.preprocess,
             prompt=info.prompts.get(d) or None,
             hub=True,
         )
@@ -301,7 +306,7 @@ class TurboApp:
         for e in self._entries:
             if e.status == "ok":
                 lines.append(
-                    f"- ✅ `{e.name}`: {e.kind}{', stochastic' if e.stochastic else ''}, input {e.input}"
+                    f"- ✅ `{e.name}`: {e.kind}{', stochastic' if e.stochastic else ''}, input {e.preprocess}"
                 )
             elif e.status == "pending":
                 lines.append(f"- ⏳ `{e.name}`: still being written")
@@ -389,7 +394,7 @@ class TurboApp:
         entries = ", ".join(f"`{html.escape(x.label)}`" for x in choices)
         return (
             gr.update(choices=self.labels, value=c.label),
-            f"Added {entries} from the Hub: {what}, translates {INPUT_WORDS.get(c.input, c.input)}.",
+            f"Added {entries} from the Hub: {what}, translates {c.translates}.",
         )
 
     # ---- controls ----
@@ -429,14 +434,14 @@ class TurboApp:
                 value=DEFAULT_GAMMA,
                 info="Gamma applies to stochastic (sketch) models only; this model is deterministic.",
             )
-        edges = c.input == "canny"
+        edges = c.preprocess == "canny"
         canny = gr.update(visible=edges)
         what = "paired (pix2pix-turbo)" if c.kind == "paired" else "unpaired (CycleGAN-Turbo)"
         where = "released; downloaded on first use" if c.released else f"file `{Path(c.model).name}`"
         where = "from the Hugging Face Hub" if c.hub else where
         direction = f", direction {c.direction}" if c.direction and not c.released else ""
         text = (
-            f"**{html.escape(c.label)}**: {what}{direction}, translates {INPUT_WORDS.get(c.input, c.input)}"
+            f"**{html.escape(c.label)}**: {what}{direction}, translates {c.translates}"
             f"{'; stochastic' if c.stochastic else ''} ({where})."
         )
         tab = c.tab
@@ -501,7 +506,9 @@ class TurboApp:
             seed = parse_seed(seed)
             # checked only where used: a model without that control ignores a stale or empty value
             gamma = parse_gamma(gamma) if c.stochastic else None
-            canny_low, canny_high = parse_canny(canny_low, canny_high) if c.input == "canny" else (100, 200)
+            canny_low, canny_high = (
+                parse_canny(canny_low, canny_high) if c.preprocess == "canny" else (100, 200)
+            )
             image, note = self.input_image(source, sketch, upload)
         except MissingInputError as e:  # a hint, not a fault: live events would pop it up repeatedly
             return None, None, None, f"ℹ️ {html.escape(str(e))}", source

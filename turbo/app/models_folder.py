@@ -48,7 +48,7 @@ class FolderModel:
     reason: str = ""
     kind: str = ""
     stochastic: bool = False
-    input: str = ""
+    preprocess: str = ""
     directions: list[str] = field(default_factory=list)
     prompts: dict[str, str] = field(default_factory=dict)
     version: tuple[int, int] = (0, 0)  # (size, mtime_ns)
@@ -194,7 +194,7 @@ def read_entry(path: Path, version: tuple[int, int]) -> FolderModel:
             status="ok",
             kind=ckpt.kind,
             stochastic=ckpt.stochastic,
-            input=ckpt.input,
+            preprocess=ckpt.preprocess,
             directions=ckpt.directions,
             prompts=dict(ckpt.prompts),
             version=version,

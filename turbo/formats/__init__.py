@@ -11,7 +11,6 @@ from pathlib import Path
 
 from turbo.formats.checkpoint import (
     DIRECTIONS,
-    INPUTS,
     KINDS,
     CheckpointError,
     TurboCheckpoint,
@@ -20,11 +19,12 @@ from turbo.formats.checkpoint import (
 )
 from turbo.formats.original import load_original_pkl
 from turbo.formats.turbo_file import load_safetensors, save_checkpoint
+from turbo.preprocess import PREPROCESSES
 from turbo.registry import apply_released_conventions
 
 __all__ = [
     "DIRECTIONS",
-    "INPUTS",
+    "PREPROCESSES",
     "KINDS",
     "CheckpointError",
     "TurboCheckpoint",

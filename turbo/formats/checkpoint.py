@@ -11,7 +11,7 @@ from typing import Any, Literal, TypeGuard, TypeVar, get_args
 import torch
 
 from turbo.errors import TurboError
-from turbo.preprocess import EVAL_IMAGE_PREPS, Preprocess
+from turbo.preprocess import EVAL_IMAGE_PREPS, PREPROCESSES, Preprocess
 
 FORMAT_VERSION = 1
 # pix2pix-turbo (paired, prompted) or CycleGAN-Turbo (unpaired, both directions)
@@ -19,7 +19,6 @@ Kind = Literal["paired", "unpaired"]
 Direction = Literal["a2b", "b2a"]
 KINDS: tuple[Kind, ...] = get_args(Kind)
 # the input preparation; the literal lives in turbo.preprocess, which checkpoints import from
-INPUTS: tuple[Preprocess, ...] = get_args(Preprocess)
 DIRECTIONS: tuple[Direction, ...] = get_args(Direction)
 
 _T = TypeVar("_T")
@@ -48,7 +47,7 @@ class TurboCheckpoint:
     unet: dict[str, torch.Tensor]
     vae: dict[Direction, dict[str, torch.Tensor]]
     prompts: dict[Direction, str] = field(default_factory=dict)
-    input: Preprocess = "none"
+    preprocess: Preprocess = "none"
     image_prep: str | None = None
     base_model: str = "stabilityai/sd-turbo"
     source: str = ""
@@ -65,7 +64,7 @@ class TurboCheckpoint:
         have the ranks the checkpoint states (checked before any layer is built from them)."""
         where = self.source or "checkpoint"
         checked_kind(self.kind, where)
-        checked_input(self.input, where)
+        checked_preprocess(self.preprocess, where)
         check_image_prep(self.image_prep, where)
         checked_directions(self.vae, where)
         if not isinstance(self.stochastic, bool):
@@ -103,8 +102,8 @@ def is_kind(value: object) -> TypeGuard[Kind]:
     return value in KINDS
 
 
-def is_input(value: object) -> TypeGuard[Preprocess]:
-    return value in INPUTS
+def is_preprocess(value: object) -> TypeGuard[Preprocess]:
+    return value in PREPROCESSES
 
 
 def is_direction(value: object) -> TypeGuard[Direction]:
@@ -121,9 +120,9 @@ def checked_kind(value: object, where: str) -> Kind:
     return value
 
 
-def checked_input(value: object, where: str) -> Preprocess:
-    if not is_input(value):
-        raise CheckpointError(f"{where}: input must be one of {INPUTS}, got {value!r}")
+def checked_preprocess(value: object, where: str) -> Preprocess:
+    if not is_preprocess(value):
+        raise CheckpointError(f"{where}: preprocess must be one of {PREPROCESSES}, got {value!r}")
     return value
 
 

@@ -75,7 +75,7 @@ def _paired(sd: dict, path: Path) -> TurboCheckpoint:
         alpha_vae=PEFT_DEFAULT_ALPHA,
         unet=unet,
         vae={"a2b": vae},
-        input="none",  # the original CLI feeds a custom paired model the image as given
+        preprocess="none",  # the original CLI feeds a custom paired model the image as given
         source=str(path),
     )
 
@@ -106,7 +106,7 @@ def _unpaired(sd: dict, path: Path) -> TurboCheckpoint:
         alpha_vae=PEFT_DEFAULT_ALPHA,
         unet=unet,
         vae=vae,
-        input="unpaired",
+        preprocess="unpaired",
         image_prep="resize_512x512",  # the default of the original's unpaired CLI
         source=str(path),
     )

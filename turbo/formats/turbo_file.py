@@ -32,8 +32,8 @@ from turbo.formats.checkpoint import (
     TurboCheckpoint,
     check_image_prep,
     checked_directions,
-    checked_input,
     checked_kind,
+    checked_preprocess,
     checked_prompts,
     shown,
 )
@@ -69,7 +69,7 @@ def save_checkpoint(ckpt: TurboCheckpoint, path: str | Path) -> Path:
         "rank_vae": str(ckpt.rank_vae),
         "alpha_vae": repr(float(ckpt.alpha_vae)),
         "prompts": json.dumps(ckpt.prompts),
-        "input": ckpt.input,
+        "preprocess": ckpt.preprocess,
         "image_prep": ckpt.image_prep or "",
         "base_model": ckpt.base_model,
     }
@@ -161,7 +161,9 @@ def load_safetensors(path: Path) -> TurboCheckpoint:
     image_prep = meta.get("image_prep") or None
     # the labels are narrowed here in validate()'s order, so the first problem found is the same
     where = str(path)
-    kind, preprocess = checked_kind(meta["kind"], where), checked_input(meta.get("input", "none"), where)
+    # files written before the rename to one name per concept call it "input"
+    preprocess = checked_preprocess(meta.get("preprocess", meta.get("input", "none")), where)
+    kind = checked_kind(meta["kind"], where)
     check_image_prep(image_prep, where)
     ckpt = TurboCheckpoint(
         kind=kind,
@@ -173,7 +175,7 @@ def load_safetensors(path: Path) -> TurboCheckpoint:
         unet=unet,
         vae=checked_directions(vae, where),
         prompts=checked_prompts(prompts, where),
-        input=preprocess,
+        preprocess=preprocess,
         image_prep=image_prep,
         base_model=meta.get("base_model", "stabilityai/sd-turbo"),
         source=where,
