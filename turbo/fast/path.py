@@ -30,6 +30,7 @@ Training never sees this: every mutating or plain-path method of `Generator` cal
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ from turbo.fast import exact_fold
 from turbo.fast.cuda_graph import GraphCache
 from turbo.fast.group_norm import restore_group_norms, swap_group_norms
 from turbo.fast.subpixel import SubpixelUpsample
-from turbo.generator import Generator
+from turbo.generator import Generator, StepNetworks, one_step
 from turbo.skip_vae import SkipConvs
 
 logger = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 class FastPathError(TurboError):
     """A call the fast path cannot serve (e.g. a per-sample gamma, which only training uses)."""
+
+
+RESTORE_MODES = ("auto", "copy", "record", "none")
 
 
 @dataclass
@@ -70,19 +74,18 @@ class FastOptions:
     # GroupNorm as `turbo.fast.group_norm.SplitGroupNorm` while folded; None: on CUDA without compile (there
     # PyTorch's kernel fills a fraction of the GPU at batch 1; on the cpu and under inductor it need not)
     split_group_norm: bool | None = None
-    # How a switch gives the base its exact weights back (`turbo.fast.exact_fold`): "record" keeps ~0.2
-    # bytes per folded element; "copy" keeps a copy of every folded base weight in host memory (pinned)
-    # and restores by copying: switches 4x faster on an H200 (where the record's many small kernels and
-    # host syncs bound them) and 4-9x on a 2-core cpu; "auto": "copy" on CUDA, "record" elsewhere
-    # (on the cpu the copy would put the fast path's peak RAM above the plain path's).
+    # How a switch gives the base its exact weights back (`turbo.fast.exact_fold`):
+    # "copy" keeps a copy of every folded base weight in host memory (pinned on CUDA), taken at its
+    # first fold (one extra pass), and restores by copying (one pass); "record" keeps one byte per
+    # folded element instead (a quarter of the copy in fp32) and costs some six passes per fold;
+    # "none" keeps nothing: the first fold is in place for good, for a process that never switches
+    # (the CLI with one model), and anything that would need the base back raises; "auto": "copy".
     restore: str = "auto"
 
     def restore_mode(self, device: torch.device) -> str:
-        if self.restore not in ("auto", "record", "copy"):
-            raise SettingError(f"restore must be 'auto', 'record' or 'copy', not {self.restore!r}")
-        if self.restore == "auto":
-            return "copy" if device.type == "cuda" else "record"
-        return self.restore
+        if self.restore not in RESTORE_MODES:
+            raise SettingError(f"restore must be one of {', '.join(RESTORE_MODES)}, not {self.restore!r}")
+        return "copy" if self.restore == "auto" else self.restore
 
     def splits_group_norm(self, device: torch.device) -> bool:
         if self.split_group_norm is None:
@@ -129,13 +132,15 @@ class _FoldedLayer:
     layer: LoraLayer
     adapter: str
     scale: float
-    record: exact_fold.FoldRecord | None  # None: restored from the FastPath's copy of the base weight
+    record: exact_fold.FoldRecord | None  # None: restored from `copy`, or not at all (restore "none")
     copy: torch.Tensor | None = None
 
     def restore(self) -> None:
         weight = self.layer.get_base_layer().weight
         if self.copy is not None:
             exact_fold.copy_back_(weight, self.copy)
+        elif self.record is None:
+            raise FastPathError(_FOLDED_FOR_GOOD)
         else:
             exact_fold.subtract_(weight, _delta_rows(self.layer, self.adapter, self.scale), self.record)
 
@@ -149,14 +154,23 @@ class _BaseCopy:
     copy: torch.Tensor
 
 
+_FOLDED_FOR_GOOD = (
+    "this fast path folded its model into the base for good (restore='none'): it cannot switch to "
+    "another model, direction or gamma, nor give the base back; build it with restore='copy' or 'record'"
+)
+
+
 def _fold_layer(
-    layer: LoraLayer, adapter: str, scale: float, copies: dict[int, _BaseCopy] | None
+    layer: LoraLayer, adapter: str, scale: float, mode: str, copies: dict[int, _BaseCopy]
 ) -> _FoldedLayer:
-    """Fold one adapter into its base weight; with `copies` (see `FastPath._copies`), restore by copy."""
+    """Fold one adapter into its base weight, keeping what `mode` (`FastOptions.restore`) restores from."""
     weight = layer.get_base_layer().weight
     rows = _delta_rows(layer, adapter, scale)
-    if copies is None:
+    if mode == "record":
         return _FoldedLayer(layer, adapter, scale, exact_fold.add_(weight, rows))
+    if mode == "none":
+        exact_fold.add_plain_(weight, rows)
+        return _FoldedLayer(layer, adapter, scale, None)
     # A copy stays valid while the weight keeps its storage, dtype and version: our folds write
     # through `.data`, which leaves the version alone, while `.to()` or a user's in-place edit do not.
     state = (weight.data_ptr(), weight.dtype, weight._version)
@@ -237,15 +251,19 @@ class FastPath:
         self._unet, self._encode, self._decode = unet, vae.encode, vae.decode
         use_graphs = self.options.cuda_graph and self.options.fold and not self.options.compile
         self._graphs = GraphCache(self._forward) if use_graphs and self.device.type == "cuda" else None
+        self._restore = self.options.restore_mode(self.device)
         # restore by copy: id(weight) -> its host copy, taken at the weight's first fold
-        self._copies: dict[int, _BaseCopy] | None = (
-            {} if self.options.restore_mode(self.device) == "copy" else None
-        )
+        self._copies: dict[int, _BaseCopy] = {}
         if self.options.compile:
             kw = {"mode": self.options.compile_mode} if self.options.compile_mode else {}
             self._unet = torch.compile(unet, **kw)
             self._encode = torch.compile(vae.encode, **kw)
             self._decode = torch.compile(vae.decode, **kw)
+        # What `one_step` runs while folded: gamma's roles 1, 2 and 4 are in the weights.
+        self._folded = StepNetworks(
+            encode=self._encode, unet=self._unet, decode=self._decode, skips=self.skips,
+            schedule=generator.schedule, timestep=self.timestep, skips_scaled=True,
+        )  # fmt: skip
 
     # ---- folding ----
     @property
@@ -254,9 +272,9 @@ class FastPath:
 
     def restore_bytes(self) -> int:
         """Host memory held to restore the base exactly (see `turbo.fast.exact_fold`)."""
-        if self._copies is not None:
+        if self._restore == "copy":
             return sum(kept.copy.numel() * kept.copy.element_size() for kept in self._copies.values())
-        return sum(f.record.nbytes for f in self._unet_folds + self._vae_folds)
+        return sum(f.record.nbytes for f in self._unet_folds + self._vae_folds if f.record is not None)
 
     def _enter(self) -> None:
         """Take peft's wrappers out of the shared networks and put the fused first conv in."""
@@ -282,6 +300,8 @@ class FastPath:
 
     def restore(self) -> None:
         """Give the base its exact weights and the networks their peft wrappers back."""
+        if self._restore == "none" and (self._unet_folds or self._vae_folds):
+            raise FastPathError(_FOLDED_FOR_GOOD)
         with torch.no_grad():
             for f in reversed(self._unet_folds + self._vae_folds):
                 f.restore()
@@ -310,6 +330,8 @@ class FastPath:
         if self.active == (model, direction, gamma) and self.folded:
             return
         m = g.check_active(model, direction)
+        if self._restore == "none" and self.folded:
+            raise FastPathError(_FOLDED_FOR_GOOD)
         with torch.no_grad():
             if not self.folded:
                 self._enter()
@@ -335,7 +357,7 @@ class FastPath:
 
     def _fold(self, net: str, adapter: str, gamma: float) -> list[_FoldedLayer]:
         return [
-            _fold_layer(layer, adapter, gamma, self._copies)
+            _fold_layer(layer, adapter, gamma, self._restore, self._copies)
             for _, _, layer in self._stripped[net]
             if adapter in layer.lora_A
         ]
@@ -383,14 +405,20 @@ class FastPath:
             x = x.to(self.device, self.dtype, memory_format=fmt)
             text_emb = text_emb.to(self.device, self.dtype)
             noise = None if noise is None else noise.to(self.device, self.dtype)
-            if not self.options.fold:
+            if not self.options.fold:  # peft's adapters at run time, as Generator.forward
                 g = self.generator
-                g.activate(model, direction, gamma)
-                skips = g.vae.skips[g.models[model].vae_id(direction)]
-                return self._forward(x, text_emb, noise, gamma, skips, gamma)
-            self.fold(model, direction, gamma)
+                m = g.check_active(model, direction)
+                net = dataclasses.replace(
+                    self._folded,
+                    skips=g.vae.skips[m.vae_id(direction)],
+                    adapt=lambda gm: g.activate(model, direction, gm),
+                    skips_scaled=False,
+                )
+                return one_step(net, x, text_emb, gamma, noise)
             if self._graphs is None:
-                return self._forward(x, text_emb, noise, gamma)
+                net = dataclasses.replace(self._folded, adapt=lambda gm: self.fold(model, direction, gm))
+                return one_step(net, x, text_emb, gamma, noise)
+            self.fold(model, direction, gamma)  # outside the graph: a capture cannot fold
             if noise is None:
                 return self._graphs(x, text_emb)
             return self._graphs(x, text_emb, noise, torch.full((), gamma, device=self.device))
@@ -401,16 +429,7 @@ class FastPath:
         text_emb: torch.Tensor,
         noise: torch.Tensor | None = None,
         gamma: float | torch.Tensor = 1.0,
-        skips: nn.Module | None = None,
-        skip_gamma: float = 1.0,
     ) -> torch.Tensor:
-        """The one step on inputs already on the device; gamma is a float or, in graphs, a 0-d tensor."""
-        latent, acts = self._encode(x)
-        if noise is not None:
-            latent = latent * gamma + noise * (1 - gamma)
-        if text_emb.shape[0] != latent.shape[0]:
-            text_emb = text_emb.expand(latent.shape[0], *text_emb.shape[1:])
-        eps = self._unet(latent, self.timestep, encoder_hidden_states=text_emb).sample
-        x0 = self.generator.schedule.x0(eps, latent)
-        skips = self.skips if skips is None else skips
-        return self._decode(x0, acts, skips, skip_gamma).clamp(-1, 1)
+        """`one_step` on the folded networks, inputs already on the device (what a CUDA graph
+        captures: gamma is a float, or there a 0-d tensor input)."""
+        return one_step(self._folded, x, text_emb, gamma, noise)
