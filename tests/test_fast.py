@@ -1,5 +1,7 @@
 """The fast path (LoRA folded into the base) gives the plain path's images and restores the base exactly."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image
@@ -389,14 +391,15 @@ def test_benchmark_variants_start_from_contiguous_weights(setup):
     from turbo.fast.bench import Variant, _runner
 
     gen, x, noise, emb = setup
+    base = SimpleNamespace(encode_prompt=lambda prompt: emb[:1])
     convs = [p for p in gen.unet.parameters() if p.dim() == 4]
-    _runner(gen, None, Variant("cl", FastOptions(channels_last=True), False), "paired", 1.0)
-    assert not all(p.is_contiguous() for p in convs)
+    _runner(gen, base, Variant("cl", FastOptions(channels_last=True), False), "paired", 1.0)(x, None)
+    assert not all(p.is_contiguous() for p in convs)  # converted at the first fold
     plain_layout = FastOptions(channels_last=False, subpixel=False)
-    _runner(gen, None, Variant("no cl", plain_layout, False), "paired", 1.0)
+    _runner(gen, base, Variant("no cl", plain_layout, False), "paired", 1.0)
     assert all(p.is_contiguous() for p in convs)
-    _runner(gen, None, Variant("cl", FastOptions(channels_last=True), False), "paired", 1.0)
-    _runner(gen, None, Variant("plain", None, False), "paired", 1.0)
+    _runner(gen, base, Variant("cl", FastOptions(channels_last=True), False), "paired", 1.0)(x, None)
+    _runner(gen, base, Variant("plain", None, False), "paired", 1.0)
     assert all(p.is_contiguous() for p in convs)
     gen.unfold()
 

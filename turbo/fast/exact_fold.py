@@ -2,30 +2,28 @@
 
 Many models share one set of base weights, so the fast path may fold a model's LoRA delta into
 them (`s = round(W + d)`) only if the base comes back exactly on a switch. Subtracting again,
-`round(s - d)`, gives W back for most elements but not all: rounding `W + d` loses low bits of W
-where `W + d` lands in a coarser binade than W, or exactly halfway between two neighbours. Those
-bits are gone from `s`, so something must be kept; the question is how little.
+`b = round(s - d)`, gives W back for most elements but not all: rounding `W + d` loses low bits of
+W where `W + d` lands in a coarser binade than W, or exactly halfway between two neighbours. Those
+bits are gone from `s`, so something must be kept; the question is how little, and how cheaply.
 
-Given only `s` and `d`, one can tell which elements are *ambiguous*: those where a neighbour of
-the canonical answer `b = round(s - d)` also folds to `s`. Only there can W differ from `b`, and
-it differs by a few units in the last place. So the record holds one int8 per ambiguous element
-(`bits(W) - bits(b)`, in storage order), and (position, value) pairs for the rare elements that
-int8 cannot fix (a sign change, or W far below d). Fold and restore compute `b` and the ambiguous
-set with the same code from the same tensors, and fold checks its own record by running the
-restore on it, so the restore is exact by construction, whatever the dtype.
-
-The cost, measured with the benchmark's random LoRA deltas (about 10% of the base weights'
-spread), is about 0.2 bytes per folded element, against 8 for keeping every lost element's
-position and value. Work goes in chunks of rows, so temporaries stay small (and in the cpu's cache).
+The record holds one int8 per element, in storage order: `bits(W) - bits(b)`, modulo the bits'
+width (0 almost everywhere, a few units in the last place where bits were lost), and (position,
+value) pairs for the rare elements whose difference does not fit in int8 (a sign change, or W far
+below d: about 1e-4 of the elements with the benchmark's random deltas). Fold and restore compute
+`b` with the same operation from the same tensors, so `bits(b) + code` is W's bits by
+construction, whatever the dtype. A fold is some six passes over the weight and a restore two,
+elementwise and in chunks that stay in the cpu's cache: no data-dependent gathers, one reduction
+per chunk to find the rare exceptions. (A first version kept an int8 only where `b` was
+ambiguous, ~0.2 bytes per element, but finding those elements took a dozen passes and two
+`nonzero` per chunk: a fold 3-10x slower.)
 
 `d` must be recomputed bit-identically on restore: callers pass a function that computes rows of
 the delta from tensors that do not change while the fold is in place.
 
 The other way to give the base back exactly is to keep a copy of it: `host_copy` once per weight
 (pinned host memory on a GPU), `add_plain_` to fold, `copy_back_` to restore. It keeps a byte per
-byte of folded weight instead of ~0.2 per element, but a restore is one copy and a fold one add
-per layer, where the record costs dozens of small kernels and a host sync (`nonzero`) per chunk:
-on a GPU those bound the switch, so there the copy wins (see `turbo.fast.FastOptions.restore`).
+byte of folded weight (4 per element in fp32, against the record's 1), but a restore is one copy and
+a fold one add per layer, the fewest passes there are (see `turbo.fast.FastOptions.restore`).
 """
 
 from __future__ import annotations

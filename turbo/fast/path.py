@@ -1,7 +1,8 @@
 """The fast inference path: one model's LoRA folded into the shared base weights.
 
 `FastPath(generator)(x, text_emb, model, direction, gamma, noise)` gives the same image as
-`Generator.forward` (within float rounding) at the cost of a plain SD-Turbo forward:
+`Generator.forward` (within float rounding; both run `turbo.generator.one_step`) at the cost of a
+plain SD-Turbo forward:
 
 - the active (model, direction, gamma)'s LoRA deltas `gamma * alpha / r * B @ A` are added to the
   base weights they adapt, and peft's wrappers are taken out of the networks while folded, so the
@@ -16,12 +17,12 @@
   runs as reductions that fill the GPU (`turbo.fast.group_norm`); torch.compile is optional.
 
 Exactness of a switch. Many models share the base weights, so a switch must give the base back
-bit for bit: `turbo.fast.exact_fold` adds each delta in place and keeps a small record (about 0.2
-bytes per folded element with large random deltas) that makes the subtraction exact. The delta
-is recomputed on unfold by the same code from the same LoRA tensors, hence bit-identical. On a GPU
-the fast path keeps a copy of the folded base weights in pinned host memory instead and restores
-by copying (`FastOptions.restore`): there the record's small kernels and host syncs cost more
-than copying the bytes.
+bit for bit (`FastOptions.restore`): by default ("copy") the first fold of each base weight keeps
+a copy of it in host memory (pinned on a GPU) and a restore copies it back, one pass each;
+"record" keeps one int8 per folded element instead (`turbo.fast.exact_fold`; the delta is
+recomputed on unfold by the same code from the same LoRA tensors, hence bit-identical), a quarter
+of the copy in fp32 for slower switches; "none" keeps nothing, for a process that folds one model
+and never switches (the CLI).
 
 Training never sees this: every mutating or plain-path method of `Generator` calls
 `Generator.unfold()` first, which restores the base and the peft wrappers.
@@ -220,8 +221,7 @@ class FastPath:
         unet, vae = generator.unet, generator.vae
         p = next(unet.parameters())
         self.device, self.dtype = p.device, p.dtype
-        if self.options.channels_last:
-            # Only while unfolded: folded layers remember positions in the storage order.
+        if self.options.channels_last and not self.options.fold:  # folded networks convert in _enter
             unet.to(memory_format=torch.channels_last)
             vae.to(memory_format=torch.channels_last)
         self.timestep = torch.tensor([generator.schedule.timestep], device=self.device, dtype=torch.long)
@@ -280,6 +280,11 @@ class FastPath:
         """Take peft's wrappers out of the shared networks and put the fused first conv in."""
         g = self.generator
         g.unfold()
+        if self.options.channels_last:
+            # Here, not when built: a pipeline that never translates does not pay for the copy (a
+            # no-op once converted). Only while unfolded: folded layers remember storage positions.
+            g.unet.to(memory_format=torch.channels_last)
+            g.vae.to(memory_format=torch.channels_last)
         for key, net, own in (("unet", g.unet, "conv_in"), ("vae", g.vae, "skips.")):
             for name, layer in list(lora.lora_layers(net)):
                 if name.startswith(own):  # per-model modules: replaced by fused copies instead
