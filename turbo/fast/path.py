@@ -283,8 +283,11 @@ class FastPath:
         if self.options.channels_last:
             # Here, not when built: a pipeline that never translates does not pay for the copy (a
             # no-op once converted). Only while unfolded: folded layers remember storage positions.
-            g.unet.to(memory_format=torch.channels_last)
-            g.vae.to(memory_format=torch.channels_last)
+            # Outside inference mode (a call folds inside it): the new weights must stay normal
+            # tensors, which restores and training may write in place.
+            with torch.inference_mode(False):
+                g.unet.to(memory_format=torch.channels_last)
+                g.vae.to(memory_format=torch.channels_last)
         for key, net, own in (("unet", g.unet, "conv_in"), ("vae", g.vae, "skips.")):
             for name, layer in list(lora.lora_layers(net)):
                 if name.startswith(own):  # per-model modules: replaced by fused copies instead
