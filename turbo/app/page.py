@@ -132,8 +132,8 @@ def default_host() -> str:
 
 
 def create_app(args: argparse.Namespace) -> TurboApp:
-    """Load the base (BaseModelError, a TurboError, if it cannot be, or if the device cannot run it) and scan the
-    models folder."""
+    """Load the base (BaseModelError, a TurboError, if it cannot be, or if the device cannot run
+    it) and scan the models folder."""
     check_device(args.device)  # "meta" and the like would load, then fail at the first translation
     key = (args.base, args.device, args.dtype)
     get_pipeline(*key, max_models=args.max_models, restore=args.restore)
