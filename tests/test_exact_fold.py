@@ -56,6 +56,10 @@ def test_the_copy_way_folds_the_same_bits_and_copies_them_back(dtype, shape):
     assert torch.equal(bits(w), bits(recorded))  # both ways fold the same rounded sum
     exact_fold.copy_back_(w, copy)
     assert torch.equal(bits(w), before)
+    _, other = weights_and_delta(shape, dtype, relative=0.2, seed=1)
+    exact_fold.add_plain_(w, other)  # another fold in place: the refold writes copy + delta over it
+    exact_fold.add_from_(w, copy, delta_rows)
+    assert torch.equal(bits(w), bits(recorded))
 
 
 def test_channels_last_weights_and_many_cycles():

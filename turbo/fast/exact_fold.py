@@ -155,6 +155,14 @@ def add_plain_(weight: torch.Tensor, delta_rows: DeltaRows) -> None:
         flat[start:stop].add_(delta_rows(r0, r1))
 
 
+def add_from_(weight: torch.Tensor, copy: torch.Tensor, delta_rows: DeltaRows) -> None:
+    """`weight = copy + delta` (the bits `copy_back_` then `add_plain_` give) in one pass, whatever
+    `weight` holds now; cpu only (on a GPU the copy is in host memory)."""
+    flat, src = flat_storage(weight.data), flat_storage(copy)
+    for r0, r1, start, stop in _chunks(weight):
+        torch.add(src[start:stop], delta_rows(r0, r1), out=flat[start:stop])
+
+
 def host_copy(weight: torch.Tensor) -> torch.Tensor:
     """A copy of `weight` in host memory with the same strides (pinned, for fast copies, on a GPU)."""
     copy = torch.empty_like(weight.data, device="cpu", pin_memory=weight.is_cuda)

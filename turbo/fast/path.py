@@ -161,12 +161,27 @@ _FOLDED_FOR_GOOD = (
 )
 
 
+def _copy_state(weight: torch.Tensor) -> tuple:
+    return (weight.data_ptr(), weight.dtype, weight._version)
+
+
 def _fold_layer(
-    layer: LoraLayer, adapter: str, scale: float, mode: str, copies: dict[int, _BaseCopy]
+    layer: LoraLayer,
+    adapter: str,
+    scale: float,
+    mode: str,
+    copies: dict[int, _BaseCopy],
+    from_copy: bool = False,
 ) -> _FoldedLayer:
-    """Fold one adapter into its base weight, keeping what `mode` (`FastOptions.restore`) restores from."""
+    """Fold one adapter into its base weight, keeping what `mode` (`FastOptions.restore`) restores from.
+
+    from_copy: the weight still holds another fold and its copy is valid: write copy + delta."""
     weight = layer.get_base_layer().weight
     rows = _delta_rows(layer, adapter, scale)
+    if from_copy:
+        kept = copies[id(weight)]
+        exact_fold.add_from_(weight, kept.copy, rows)
+        return _FoldedLayer(layer, adapter, scale, None, kept.copy)
     if mode == "record":
         return _FoldedLayer(layer, adapter, scale, exact_fold.add_(weight, rows))
     if mode == "none":
@@ -174,7 +189,7 @@ def _fold_layer(
         return _FoldedLayer(layer, adapter, scale, None)
     # A copy stays valid while the weight keeps its storage, dtype and version: our folds write
     # through `.data`, which leaves the version alone, while `.to()` or a user's in-place edit do not.
-    state = (weight.data_ptr(), weight.dtype, weight._version)
+    state = _copy_state(weight)
     kept = copies.get(id(weight))
     if kept is None or kept.weight is not weight or kept.state != state:
         kept = copies[id(weight)] = _BaseCopy(weight, state, exact_fold.host_copy(weight))
@@ -345,15 +360,11 @@ class FastPath:
                 self._enter()
             unet_key, vae_key = (m.id, gamma), (m.vae_id(direction), gamma)
             if unet_key != self._unet_key:
-                for f in reversed(self._unet_folds):
-                    f.restore()
-                self._unet_folds = self._fold("unet", m.id, gamma)
+                self._unet_folds = self._refold("unet", self._unet_folds, m.id, gamma)
                 self._fuse_conv_in(m.id, m.stochastic, gamma)
                 self._unet_key = unet_key
             if vae_key != self._vae_key:
-                for f in reversed(self._vae_folds):
-                    f.restore()
-                self._vae_folds = self._fold("vae", vae_key[0], gamma)
+                self._vae_folds = self._refold("vae", self._vae_folds, vae_key[0], gamma)
                 self._fuse_skips(vae_key[0], gamma)
                 for _, up, sub in self.upsamplers:
                     sub.refresh(_base(up.conv))  # the conv may have had a LoRA delta folded in
@@ -363,11 +374,33 @@ class FastPath:
             "folded %s %s gamma=%s (%d bytes kept to restore)", model, direction, gamma, self.restore_bytes()
         )
 
-    def _fold(self, net: str, adapter: str, gamma: float) -> list[_FoldedLayer]:
+    def _refold(self, net: str, old: list[_FoldedLayer], adapter: str, gamma: float) -> list[_FoldedLayer]:
+        """Restore `old` and fold `adapter` at `gamma` into network `net`.
+
+        On the cpu with restore by copy, a weight that both fold is rewritten as copy + delta in one
+        pass instead of being copied back first and then added to (one pass over it saved)."""
+        layers = [layer for _, _, layer in self._stripped[net] if adapter in layer.lora_A]
+        rewrite: set[int] = set()
+        if self._restore == "copy" and self.device.type == "cpu":
+            again = {id(layer.get_base_layer().weight) for layer in layers}
+            for f in old:
+                w = f.layer.get_base_layer().weight
+                kept = self._copies.get(id(w))
+                if id(w) in again and kept is not None and kept.weight is w and kept.state == _copy_state(w):
+                    rewrite.add(id(w))
+        for f in reversed(old):
+            if id(f.layer.get_base_layer().weight) not in rewrite:
+                f.restore()
         return [
-            _fold_layer(layer, adapter, gamma, self._restore, self._copies)
-            for _, _, layer in self._stripped[net]
-            if adapter in layer.lora_A
+            _fold_layer(
+                layer,
+                adapter,
+                gamma,
+                self._restore,
+                self._copies,
+                id(layer.get_base_layer().weight) in rewrite,
+            )
+            for layer in layers
         ]
 
     def _fuse_conv_in(self, mid: str, stochastic: bool, gamma: float) -> None:
