@@ -1,5 +1,7 @@
 """The fast path (LoRA folded into the base) gives the plain path's images and restores the base exactly."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image
@@ -7,6 +9,7 @@ from reference import RefPaired, RefUnpaired
 
 from turbo.base import load_base
 from turbo.fast import exact_fold
+from turbo.fast.bench import add_random_models
 from turbo.fast.path import FastOptions, FastPath, FastPathError
 from turbo.formats import load_checkpoint
 from turbo.generator import Generator
@@ -204,11 +207,37 @@ def test_restore_by_copy_follows_edits_of_the_base(setup):
 
 
 def test_restore_mode_is_checked():
-    assert FastOptions().restore_mode(torch.device("cpu")) == "record"
+    assert FastOptions().restore_mode(torch.device("cpu")) == "copy"
     assert FastOptions().restore_mode(torch.device("cuda")) == "copy"
-    assert FastOptions(restore="copy").restore_mode(torch.device("cpu")) == "copy"
+    assert FastOptions(restore="record").restore_mode(torch.device("cpu")) == "record"
+    assert FastOptions(restore="none").restore_mode(torch.device("cpu")) == "none"
     with pytest.raises(ValueError, match="restore must be"):
         FastOptions(restore="backup").restore_mode(torch.device("cpu"))
+
+
+def test_folding_for_good_keeps_nothing_and_refuses_to_switch(tiny_base_dir):
+    """restore="none" (the CLI: one model for the whole process) folds the same bits as a
+    restorable fold, keeps nothing, and refuses whatever would need the base back."""
+    base = load_base(str(tiny_base_dir), device="cpu", dtype="fp32")
+    gen = Generator(base).eval()  # its own: this one cannot be given back to other tests
+    add_random_models(gen, unpaired_rank=4)
+    torch.manual_seed(0)
+    x, noise, emb = torch.rand(1, 3, 32, 32), torch.randn(1, 4, 4, 4), base.encode_prompt(["a house"])
+    expected = FastPath(gen, FastOptions(restore="copy"))(x, emb, "stochastic", "a2b", 0.4, noise)
+    folded = {k: v.clone() for k, v in {**gen.unet.state_dict(), **gen.vae.state_dict()}.items()}
+    gen.unfold()
+    fast = FastPath(gen, FastOptions(restore="none"))
+    assert torch.equal(fast(x, emb, "stochastic", "a2b", 0.4, noise), expected)
+    now = {**gen.unet.state_dict(), **gen.vae.state_dict()}
+    assert now.keys() == folded.keys() and all(torch.equal(v, folded[k]) for k, v in now.items())
+    assert fast.restore_bytes() == 0
+    assert torch.equal(fast(x, emb, "stochastic", "a2b", 0.4, noise), expected)  # the same call again
+    message = "folded its model into the base for good"
+    with pytest.raises(FastPathError, match=message):
+        fast(x, emb, "stochastic", "a2b", 0.6, noise)
+    with pytest.raises(FastPathError, match=message):
+        gen.remove_model("paired")
+    assert torch.equal(fast(x, emb, "stochastic", "a2b", 0.4, noise), expected)  # still in place
 
 
 def test_plain_and_training_paths_unfold_first(setup):
@@ -362,14 +391,15 @@ def test_benchmark_variants_start_from_contiguous_weights(setup):
     from turbo.fast.bench import Variant, _runner
 
     gen, x, noise, emb = setup
+    base = SimpleNamespace(encode_prompt=lambda prompt: emb[:1])
     convs = [p for p in gen.unet.parameters() if p.dim() == 4]
-    _runner(gen, None, Variant("cl", FastOptions(channels_last=True), False), "paired", 1.0)
-    assert not all(p.is_contiguous() for p in convs)
+    _runner(gen, base, Variant("cl", FastOptions(channels_last=True), False), "paired", 1.0)(x, None)
+    assert not all(p.is_contiguous() for p in convs)  # converted at the first fold
     plain_layout = FastOptions(channels_last=False, subpixel=False)
-    _runner(gen, None, Variant("no cl", plain_layout, False), "paired", 1.0)
+    _runner(gen, base, Variant("no cl", plain_layout, False), "paired", 1.0)
     assert all(p.is_contiguous() for p in convs)
-    _runner(gen, None, Variant("cl", FastOptions(channels_last=True), False), "paired", 1.0)
-    _runner(gen, None, Variant("plain", None, False), "paired", 1.0)
+    _runner(gen, base, Variant("cl", FastOptions(channels_last=True), False), "paired", 1.0)(x, None)
+    _runner(gen, base, Variant("plain", None, False), "paired", 1.0)
     assert all(p.is_contiguous() for p in convs)
     gen.unfold()
 

@@ -235,3 +235,23 @@ def test_per_sample_gamma_equals_separate_calls(setup):
         for i, g in enumerate(gammas.tolist()):
             single = gen(x[i : i + 1], emb[i : i + 1], "stochastic", gamma=g, noise=noise[i : i + 1])
             assert torch.allclose(batched[i : i + 1], single, atol=1e-5)
+
+
+def test_activating_one_direction_keeps_the_others_trainable(setup):
+    """`lora.activate` goes through peft's set_adapter / set_scale but keeps every adapter's
+    requires_grad: training both directions of an unpaired model runs one at a time."""
+    _, gen, _, _, _, _ = setup
+    m = gen.new_model("fresh", kind="unpaired")
+    try:
+        params = gen.trainable_parameters("fresh")
+        gen.activate("fresh", "b2a", 0.5)
+        assert all(p.requires_grad for p in params)
+        layers = [layer for _, layer in lora.lora_layers(gen.vae) if m.vae_id("b2a") in layer.lora_A]
+        assert layers and all(layer.active_adapters == [m.vae_id("b2a")] for layer in layers)
+        vid = m.vae_id("b2a")
+        assert all(layer.scaling[vid] == 0.5 * layer.lora_alpha[vid] / layer.r[vid] for layer in layers)
+        lora.activate(gen.vae, None)
+        assert all(layer.active_adapters == [] for _, layer in lora.lora_layers(gen.vae))
+        assert all(p.requires_grad for p in params)
+    finally:
+        gen.remove_model("fresh")

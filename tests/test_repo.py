@@ -21,7 +21,7 @@ def test_readme_starts_with_space_front_matter():
 
 # docs/CONTRIBUTING.md's layers, in order: a module may import its own layer and the ones before it.
 LAYERS = [
-    {"turbo", "turbo.errors", "turbo.preprocess"},
+    {"turbo", "turbo.errors", "turbo.preprocess", "turbo.deprecated_flags"},
     {"turbo.formats", "turbo.registry", "turbo.download", "turbo.model_source"},
     {"turbo.base", "turbo.skip_vae", "turbo.conv_in", "turbo.lora", "turbo.generator"},
     {"turbo.fast", "turbo.bench"},

@@ -262,9 +262,12 @@ def translate(args: argparse.Namespace) -> int:
         print(f"wrote 0 images to {args.output} ({len(kept)} skipped)")
         return 1
     model_file(source)  # downloaded now: a repo that is not there fails before the base loads
+    # One model, one direction and one gamma for the whole run: the fold never needs undoing, so it
+    # keeps nothing to restore the base from (FastOptions.restore "none").
     pipe = Pipeline(
-        args.base, args.device, args.dtype, max_models=1, fast=not args.plain, compile=args.compile
-    )
+        args.base, args.device, args.dtype, max_models=1, fast=not args.plain, compile=args.compile,
+        restore="none",
+    )  # fmt: skip
     info = pipe.load(args.model)
     pipe.pick_prompt(info, args.prompt, args.direction or info.default_direction)  # fail before any work
     kwargs = dict(

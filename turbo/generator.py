@@ -6,6 +6,11 @@
     x0     = (latent - sqrt(1 - a) * eps) / sqrt(a)  one-step prediction, a = alphas_cumprod[999]
     out    = dec(x0, gamma * skips).clamp(-1, 1)     decoder with skip convs (and VAE LoRA)
 
+`one_step` is that computation, the only copy of it: `Generator.forward` runs it on the networks
+with peft's adapters, `turbo.fast.FastPath` on the same networks with one model folded into the
+weights. The file reads top down: the step, the generator's modules and its forward, then the
+bookkeeping of the adapters (adding, loading, removing, training and exporting models).
+
 Many models (adapter sets) can be loaded into one generator; each call names the model and the
 direction it runs, so no state carries over from one call to the next.
 """
@@ -13,13 +18,14 @@ direction it runs, so no state carries over from one call to the next.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from turbo import lora
-from turbo.base import BaseModel
+from turbo.base import BaseModel, OneStepSchedule
 from turbo.conv_in import SwitchableConvIn
 from turbo.errors import TurboError
 from turbo.formats import CheckpointError, TurboCheckpoint
@@ -28,6 +34,62 @@ from turbo.skip_vae import SkipVAE
 
 class ModelNameTakenError(TurboError):
     """A model name that is already loaded (names the adapters, so it must be unique)."""
+
+
+Gamma = float | torch.Tensor  # a float in [0, 1], or per-sample (B,) in training; a graph's 0-d input
+
+
+@dataclass
+class StepNetworks:
+    """What `one_step` runs: the shared networks, bound to one model and direction.
+
+    adapt(gamma) makes the networks compute the model at `gamma` before the step: peft's LoRA scale
+    and the first conv's twin blend (`Generator.activate`), or the fold of all of it into the
+    weights (`FastPath.fold`); None when that was done already (a captured CUDA graph).
+    skips_scaled: the skip convs already carry gamma (folded), so the decoder must not apply it again.
+    """
+
+    encode: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]  # SkipVAE.encode
+    unet: Callable[..., object]  # diffusers' UNet: (latent, t, encoder_hidden_states=) -> .sample
+    decode: Callable[..., torch.Tensor]  # SkipVAE.decode: (x0, activations, skips, skip scale)
+    skips: nn.Module
+    schedule: OneStepSchedule
+    timestep: torch.Tensor  # (1,) long: the schedule's one timestep, on the device
+    adapt: Callable[[Gamma], None] | None = None
+    skips_scaled: bool = False
+
+
+def one_step(
+    net: StepNetworks,
+    x: torch.Tensor,
+    text_emb: torch.Tensor,
+    gamma: Gamma = 1.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """G(x, z, gamma): translate `x` in one step (inputs on the device, in the networks' dtype).
+
+    x: (B, 3, H, W), H and W multiples of 8; text_emb: (B or 1, 77, D); noise z: (B or 1, 4, H/8,
+    W/8) or None (deterministic, gamma 1). Returns the image in [-1, 1], (B, 3, H, W).
+    gamma plays four roles, all from here:
+      1. LoRA scale: every adapter's delta is gamma * alpha / r * B @ A     (net.adapt)
+      2. first conv: gamma * trained(x) + (1 - gamma) * pretrained twin(x)   (net.adapt)
+      3. latent blend: gamma * enc(x) + (1 - gamma) * z                      (below)
+      4. skip scale: each skip activation times gamma before its 1x1 conv   (decode, or folded)
+    """
+    if net.adapt is not None:
+        net.adapt(gamma)  # roles 1 and 2 (and 4 when folded)
+    latent, acts = net.encode(x)
+    if noise is not None:  # role 3
+        g = gamma
+        if isinstance(gamma, torch.Tensor) and gamma.dim() > 0:  # per sample: (B,) -> (B, 1, 1, 1)
+            g = gamma.to(latent.device, latent.dtype).reshape(-1, 1, 1, 1)
+        latent = latent * g + noise * (1 - g)
+    if text_emb.shape[0] != latent.shape[0]:
+        text_emb = text_emb.expand(latent.shape[0], *text_emb.shape[1:])
+    eps = net.unet(latent, net.timestep, encoder_hidden_states=text_emb).sample
+    x0 = net.schedule.x0(eps, latent)
+    skip_scale = 1.0 if net.skips_scaled else gamma  # role 4
+    return net.decode(x0, acts, net.skips, skip_scale).clamp(-1, 1)
 
 
 @dataclass
@@ -65,6 +127,65 @@ class Generator(nn.Module):
         # Set by `turbo.fast.path.FastPath` while it has a model folded into the base weights.
         self.folded = None
 
+    # ---- the step ----
+    def forward(
+        self,
+        x: torch.Tensor,
+        text_emb: torch.Tensor,
+        model: str,
+        direction: str = "a2b",
+        gamma: Gamma = 1.0,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Translate `x` in one step (`one_step` with peft's adapters).
+
+        x: input image, (B, 3, H, W), H and W multiples of 8; [0, 1] for paired models (edges,
+        sketches), [-1, 1] for unpaired ones. text_emb: (B or 1, 77, D). gamma in [0, 1], a float
+        or a per-sample tensor (B,); with gamma < 1 a noise map z (B, 4, H/8, W/8) is required.
+        Returns the image in [-1, 1], (B, 3, H, W).
+        """
+        if noise is None and not (isinstance(gamma, (int, float)) and gamma == 1):
+            raise ValueError("gamma < 1 needs a noise map (stochastic mode)")
+        m = self.check_active(model, direction)
+        dtype = self.unet.dtype
+        noise = None if noise is None else noise.to(x.device, dtype)
+        return one_step(
+            self.step_networks(m, direction, x.device), x.to(dtype), text_emb.to(dtype), gamma, noise
+        )
+
+    def step_networks(self, m: LoadedModel, direction: str, device: torch.device) -> StepNetworks:
+        """The networks with peft's adapters, for model `m` in `direction`: adapt = `activate`."""
+        return StepNetworks(
+            encode=self.vae.encode,
+            unet=self.unet,
+            decode=self.vae.decode,
+            skips=self.vae.skips[m.vae_id(direction)],
+            schedule=self.schedule,
+            timestep=torch.tensor([self.schedule.timestep], device=device, dtype=torch.long),
+            adapt=lambda gamma: self.activate(m.name, direction, gamma),
+        )
+
+    def check_active(self, name: str, direction: str) -> LoadedModel:
+        """The loaded model `name`; KeyError if it is not loaded, ValueError if it lacks `direction`."""
+        m = self.models.get(name)
+        if m is None:
+            raise KeyError(f"model {name!r} is not loaded (loaded: {', '.join(self.models) or 'none'})")
+        if direction not in m.directions:
+            raise ValueError(
+                f"model {name!r} has no direction {direction!r} (it has {', '.join(m.directions)})"
+            )
+        return m
+
+    def activate(self, name: str, direction: str = "a2b", gamma: Gamma = 1.0) -> None:
+        """Make `name`'s adapters for `direction` the ones that run, scaled by `gamma` (its roles 1
+        and 2 in `one_step`: peft's LoRA scale, the first conv's twin blend)."""
+        m = self.check_active(name, direction)
+        self.unfold()
+        lora.activate(self.unet, m.id, gamma)
+        lora.activate(self.vae, m.vae_id(direction), gamma)
+        self.unet.conv_in.active, self.unet.conv_in.gamma = m.id, gamma
+
+    # ---- the fast path's fold: undone before anything changes the networks ----
     def unfold(self) -> None:
         """Restore the exact base weights and peft adapters if a fast path folded them (else no-op).
 
@@ -283,59 +404,6 @@ class Generator(nn.Module):
         if "preprocess" not in fields:
             ckpt.preprocess = "unpaired" if m.kind == "unpaired" else ("sketch" if m.stochastic else "none")
         return ckpt
-
-    # ---- the forward pass ----
-    def check_active(self, name: str, direction: str) -> LoadedModel:
-        """The loaded model `name`; KeyError if it is not loaded, ValueError if it lacks `direction`."""
-        m = self.models.get(name)
-        if m is None:
-            raise KeyError(f"model {name!r} is not loaded (loaded: {', '.join(self.models) or 'none'})")
-        if direction not in m.directions:
-            raise ValueError(
-                f"model {name!r} has no direction {direction!r} (it has {', '.join(m.directions)})"
-            )
-        return m
-
-    def activate(self, name: str, direction: str = "a2b", gamma: float | torch.Tensor = 1.0) -> None:
-        """Make `name`'s adapters for `direction` the ones that run, scaled by `gamma`."""
-        m = self.check_active(name, direction)
-        self.unfold()
-        lora.activate(self.unet, m.id, gamma)
-        lora.activate(self.vae, m.vae_id(direction), gamma)
-        self.unet.conv_in.active, self.unet.conv_in.gamma = m.id, gamma
-
-    def forward(
-        self,
-        x: torch.Tensor,
-        text_emb: torch.Tensor,
-        model: str,
-        direction: str = "a2b",
-        gamma: float | torch.Tensor = 1.0,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Translate `x` in one step.
-
-        x: input image, (B, 3, H, W), H and W multiples of 8; [0, 1] for paired models (edges,
-        sketches), [-1, 1] for unpaired ones. text_emb: (B or 1, 77, D). gamma in [0, 1], a float
-        or a per-sample tensor (B,); with gamma < 1 a noise map z (B, 4, H/8, W/8) is required.
-        Returns the image in [-1, 1], (B, 3, H, W).
-        """
-        if noise is None and not (isinstance(gamma, (int, float)) and gamma == 1):
-            raise ValueError("gamma < 1 needs a noise map (stochastic mode)")
-        self.activate(model, direction, gamma)
-        dtype = self.unet.dtype
-        g = gamma.to(x.device, dtype).reshape(-1, 1, 1, 1) if isinstance(gamma, torch.Tensor) else gamma
-        latent, acts = self.vae.encode(x.to(dtype))
-        if noise is not None:
-            latent = latent * g + noise.to(latent.device, latent.dtype) * (1 - g)
-        if text_emb.shape[0] != latent.shape[0]:
-            text_emb = text_emb.expand(latent.shape[0], *text_emb.shape[1:])
-        t = torch.tensor([self.schedule.timestep], device=latent.device, dtype=torch.long)
-        eps = self.unet(latent, t, encoder_hidden_states=text_emb.to(dtype)).sample
-        x0 = self.schedule.x0(eps, latent)
-        m = self.models[model]
-        out = self.vae.decode(x0, acts, self.vae.skips[m.vae_id(direction)], gamma)
-        return out.clamp(-1, 1)
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:

@@ -58,7 +58,19 @@ def add_lora(model: nn.Module, adapter: str, targets: list[str], rank: int, alph
     for _, layer in lora_layers(model):
         if adapter in layer.lora_A:
             # Newly injected adapters must not run until activated.
-            layer._active_adapter = [a for a in layer.active_adapters if a != adapter]
+            _set_active(layer, [a for a in layer.active_adapters if a != adapter])
+
+
+def _set_active(layer: LoraLayer, adapters: list[str]) -> None:
+    """peft's `set_adapter`, keeping every adapter's requires_grad as it was: peft's would freeze the
+    adapters that do not run (one direction's while the other direction trains) and unfreeze the one
+    that does (a model at inference)."""
+    flags = [
+        (p, p.requires_grad) for name in layer.adapter_layer_names for p in getattr(layer, name).parameters()
+    ]
+    layer.set_adapter(adapters)
+    for p, flag in flags:
+        p.requires_grad_(flag)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -116,16 +128,17 @@ def activate(model: nn.Module, adapter: str | None, scale: float | torch.Tensor 
     training); it is reshaped per layer so it broadcasts over (B, C, H, W) or (B, tokens, C).
     """
     for _, layer in lora_layers(model):
-        # Set the active list directly: peft's set_adapter also flips requires_grad, which would
-        # freeze one direction's adapter while the other direction runs during training.
-        layer._active_adapter = [adapter] if adapter is not None and adapter in layer.lora_A else []
-        if not layer._active_adapter:
+        if adapter is None or adapter not in layer.lora_A:
+            if layer.active_adapters:
+                _set_active(layer, [])
             continue
+        if layer.active_adapters != [adapter]:
+            _set_active(layer, [adapter])
         s = scale
         if isinstance(scale, torch.Tensor):
             dims = 4 if isinstance(layer.get_base_layer(), nn.Conv2d) else 3
             s = scale.reshape(-1, *([1] * (dims - 1)))
-        layer.scaling[adapter] = s * layer.lora_alpha[adapter] / layer.r[adapter]
+        layer.set_scale(adapter, s)  # s * alpha / r
 
 
 def remove_lora(model: nn.Module, adapter: str) -> None:
@@ -133,7 +146,7 @@ def remove_lora(model: nn.Module, adapter: str) -> None:
     for _, layer in lora_layers(model):
         if adapter in layer.lora_A:
             # deactivated first: peft would warn, and switch another adapter on, on deleting an active one
-            layer._active_adapter = [a for a in layer.active_adapters if a != adapter]
+            _set_active(layer, [a for a in layer.active_adapters if a != adapter])
             layer.delete_adapter(adapter)
 
 

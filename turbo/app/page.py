@@ -129,10 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue-size", type=_at_least(1), default=16, help="requests that may wait, >= 1 (more are refused)"
     )
     p.add_argument(
-        "--restore", choices=["auto", "record", "copy"], default="auto",
-        help="how a switch between models gives the base back: record (least memory) or copy (a copy of "
-        "the base weights in host memory, 3.5 GB in fp32: on the cpu 4-9x faster switches); auto: copy "
-        "on CUDA, record elsewhere",
+        "--restore", choices=["auto", "copy", "record"], default="auto",
+        help="how a switch between models or gammas gives the base weights back: copy (a copy of the "
+        "folded base weights in host memory, 3.5 GB in fp32; the fastest switches) or record (one byte "
+        "per folded weight, a quarter of that in fp32; slower switches); auto: copy",
     )  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true")
     return p

@@ -269,8 +269,9 @@ def measure(
 
 
 def switch_times(gen: Generator, args, device: torch.device) -> list[list[str]]:
-    """Median time of the fast path's refold for each kind of switch, and what it keeps for exactness."""
-    fast = FastPath(gen, FastOptions(restore=args.restore))
+    """Median time of the fast path's refold for each kind of switch and each restore mode in
+    `args.switch_restores` (interleaved: each repeat times every mode once), and what each keeps."""
+    modes = args.switch_restores or [args.restore]
     cases = [
         ("paired -> unpaired a2b (UNet + VAE)", ("paired", "a2b", 1.0), ("unpaired", "a2b", 1.0)),
         ("unpaired a2b -> b2a (VAE only)", ("unpaired", "a2b", 1.0), ("unpaired", "b2a", 1.0)),
@@ -278,20 +279,25 @@ def switch_times(gen: Generator, args, device: torch.device) -> list[list[str]]:
     ]
     rows = []
     for label, start, end in tqdm(cases, desc="switches", leave=False):
-        times = []
+        times: dict[str, list[float]] = {m: [] for m in modes}
+        kept = {}
+        fasts = {m: FastPath(gen, FastOptions(restore=m)) for m in modes}
         for _ in range(args.switch_repeats):
-            fast.fold(*start)
-            _sync(device)
-            t = time.perf_counter()
-            fast.fold(*end)
-            _sync(device)
-            times.append((time.perf_counter() - t) * 1000)
-        kept = fast.restore_bytes() / 2**20
+            for mode, fast in fasts.items():
+                fast.fold(*start)  # also the first fold's copies, when the mode takes them
+                _sync(device)
+                t = time.perf_counter()
+                fast.fold(*end)
+                _sync(device)
+                times[mode].append((time.perf_counter() - t) * 1000)
+                kept[mode] = fast.restore_bytes() / 2**20
         gen.unfold()  # time the plain path's switch alone, not the restore
         plain = time.perf_counter()
         gen.activate(*end)
         plain = (time.perf_counter() - plain) * 1000
-        rows.append([label, f"{statistics.median(times):,.0f}", f"{kept:,.1f}", f"{plain:.1f}"])
+        for mode in modes:
+            ms = f"{statistics.median(times[mode]):,.0f}"
+            rows.append([label, mode, ms, f"{min(times[mode]):,.0f}", f"{kept[mode]:,.1f}", f"{plain:.1f}"])
     gen.unfold()
     return rows
 
@@ -394,6 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--restore", choices=["auto", "record", "copy"], default="auto",
         help="how the fast path restores the base on a switch (FastOptions.restore)",
     )  # fmt: skip
+    p.add_argument(
+        "--switch-restores", nargs="*", choices=["auto", "record", "copy"], default=[],
+        help="time the switches with each of these restore modes, interleaved (default: --restore)",
+    )  # fmt: skip
     p.add_argument("--unpaired-rank", type=int, default=128, help="UNet LoRA rank of the unpaired model")
     p.add_argument("--base", help="a local diffusers folder instead of random full-size weights")
     p.add_argument("--json", type=Path, help="also write the rows as JSON here")
@@ -465,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
         sized = [r for r in rows if r.size == size]
         header = [f"{size}x{size}", "ms / image", "x plain", "peak MB", "max diff (1/255)"]
         print(table(header, [r.cells(sized[0]) for r in sized]) + "\n")
-    print(table(["switch (fast path)", "ms", "kept for exact restore, MB", "plain activate, ms"], switches))
+    header = ["switch (fast path)", "restore", "median ms", "best ms", "kept for exact restore, MB"]
+    print(table([*header, "plain activate, ms"], switches))
     if compiled:
         header = [
             f"compiled fast path, {args.sizes[0]}px: first image after a switch",

@@ -1,7 +1,8 @@
 """The fast inference path: one model's LoRA folded into the shared base weights.
 
 `FastPath(generator)(x, text_emb, model, direction, gamma, noise)` gives the same image as
-`Generator.forward` (within float rounding) at the cost of a plain SD-Turbo forward:
+`Generator.forward` (within float rounding; both run `turbo.generator.one_step`) at the cost of a
+plain SD-Turbo forward:
 
 - the active (model, direction, gamma)'s LoRA deltas `gamma * alpha / r * B @ A` are added to the
   base weights they adapt, and peft's wrappers are taken out of the networks while folded, so the
@@ -16,12 +17,12 @@
   runs as reductions that fill the GPU (`turbo.fast.group_norm`); torch.compile is optional.
 
 Exactness of a switch. Many models share the base weights, so a switch must give the base back
-bit for bit: `turbo.fast.exact_fold` adds each delta in place and keeps a small record (about 0.2
-bytes per folded element with large random deltas) that makes the subtraction exact. The delta
-is recomputed on unfold by the same code from the same LoRA tensors, hence bit-identical. On a GPU
-the fast path keeps a copy of the folded base weights in pinned host memory instead and restores
-by copying (`FastOptions.restore`): there the record's small kernels and host syncs cost more
-than copying the bytes.
+bit for bit (`FastOptions.restore`): by default ("copy") the first fold of each base weight keeps
+a copy of it in host memory (pinned on a GPU) and a restore copies it back, one pass each;
+"record" keeps one int8 per folded element instead (`turbo.fast.exact_fold`; the delta is
+recomputed on unfold by the same code from the same LoRA tensors, hence bit-identical), a quarter
+of the copy in fp32 for slower switches; "none" keeps nothing, for a process that folds one model
+and never switches (the CLI).
 
 Training never sees this: every mutating or plain-path method of `Generator` calls
 `Generator.unfold()` first, which restores the base and the peft wrappers.
@@ -30,6 +31,7 @@ Training never sees this: every mutating or plain-path method of `Generator` cal
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -44,7 +46,7 @@ from turbo.fast import exact_fold
 from turbo.fast.cuda_graph import GraphCache
 from turbo.fast.group_norm import restore_group_norms, swap_group_norms
 from turbo.fast.subpixel import SubpixelUpsample
-from turbo.generator import Generator
+from turbo.generator import Generator, StepNetworks, one_step
 from turbo.skip_vae import SkipConvs
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 class FastPathError(TurboError):
     """A call the fast path cannot serve (e.g. a per-sample gamma, which only training uses)."""
+
+
+RESTORE_MODES = ("auto", "copy", "record", "none")
 
 
 @dataclass
@@ -70,19 +75,18 @@ class FastOptions:
     # GroupNorm as `turbo.fast.group_norm.SplitGroupNorm` while folded; None: on CUDA without compile (there
     # PyTorch's kernel fills a fraction of the GPU at batch 1; on the cpu and under inductor it need not)
     split_group_norm: bool | None = None
-    # How a switch gives the base its exact weights back (`turbo.fast.exact_fold`): "record" keeps ~0.2
-    # bytes per folded element; "copy" keeps a copy of every folded base weight in host memory (pinned)
-    # and restores by copying: switches 4x faster on an H200 (where the record's many small kernels and
-    # host syncs bound them) and 4-9x on a 2-core cpu; "auto": "copy" on CUDA, "record" elsewhere
-    # (on the cpu the copy would put the fast path's peak RAM above the plain path's).
+    # How a switch gives the base its exact weights back (`turbo.fast.exact_fold`):
+    # "copy" keeps a copy of every folded base weight in host memory (pinned on CUDA), taken at its
+    # first fold (one extra pass), and restores by copying (one pass); "record" keeps one byte per
+    # folded element instead (a quarter of the copy in fp32) and costs some six passes per fold;
+    # "none" keeps nothing: the first fold is in place for good, for a process that never switches
+    # (the CLI with one model), and anything that would need the base back raises; "auto": "copy".
     restore: str = "auto"
 
     def restore_mode(self, device: torch.device) -> str:
-        if self.restore not in ("auto", "record", "copy"):
-            raise SettingError(f"restore must be 'auto', 'record' or 'copy', not {self.restore!r}")
-        if self.restore == "auto":
-            return "copy" if device.type == "cuda" else "record"
-        return self.restore
+        if self.restore not in RESTORE_MODES:
+            raise SettingError(f"restore must be one of {', '.join(RESTORE_MODES)}, not {self.restore!r}")
+        return "copy" if self.restore == "auto" else self.restore
 
     def splits_group_norm(self, device: torch.device) -> bool:
         if self.split_group_norm is None:
@@ -129,13 +133,15 @@ class _FoldedLayer:
     layer: LoraLayer
     adapter: str
     scale: float
-    record: exact_fold.FoldRecord | None  # None: restored from the FastPath's copy of the base weight
+    record: exact_fold.FoldRecord | None  # None: restored from `copy`, or not at all (restore "none")
     copy: torch.Tensor | None = None
 
     def restore(self) -> None:
         weight = self.layer.get_base_layer().weight
         if self.copy is not None:
             exact_fold.copy_back_(weight, self.copy)
+        elif self.record is None:
+            raise FastPathError(_FOLDED_FOR_GOOD)
         else:
             exact_fold.subtract_(weight, _delta_rows(self.layer, self.adapter, self.scale), self.record)
 
@@ -149,17 +155,41 @@ class _BaseCopy:
     copy: torch.Tensor
 
 
+_FOLDED_FOR_GOOD = (
+    "this fast path folded its model into the base for good (restore='none'): it cannot switch to "
+    "another model, direction or gamma, nor give the base back; build it with restore='copy' or 'record'"
+)
+
+
+def _copy_state(weight: torch.Tensor) -> tuple:
+    return (weight.data_ptr(), weight.dtype, weight._version)
+
+
 def _fold_layer(
-    layer: LoraLayer, adapter: str, scale: float, copies: dict[int, _BaseCopy] | None
+    layer: LoraLayer,
+    adapter: str,
+    scale: float,
+    mode: str,
+    copies: dict[int, _BaseCopy],
+    from_copy: bool = False,
 ) -> _FoldedLayer:
-    """Fold one adapter into its base weight; with `copies` (see `FastPath._copies`), restore by copy."""
+    """Fold one adapter into its base weight, keeping what `mode` (`FastOptions.restore`) restores from.
+
+    from_copy: the weight still holds another fold and its copy is valid: write copy + delta."""
     weight = layer.get_base_layer().weight
     rows = _delta_rows(layer, adapter, scale)
-    if copies is None:
+    if from_copy:
+        kept = copies[id(weight)]
+        exact_fold.add_from_(weight, kept.copy, rows)
+        return _FoldedLayer(layer, adapter, scale, None, kept.copy)
+    if mode == "record":
         return _FoldedLayer(layer, adapter, scale, exact_fold.add_(weight, rows))
+    if mode == "none":
+        exact_fold.add_plain_(weight, rows)
+        return _FoldedLayer(layer, adapter, scale, None)
     # A copy stays valid while the weight keeps its storage, dtype and version: our folds write
     # through `.data`, which leaves the version alone, while `.to()` or a user's in-place edit do not.
-    state = (weight.data_ptr(), weight.dtype, weight._version)
+    state = _copy_state(weight)
     kept = copies.get(id(weight))
     if kept is None or kept.weight is not weight or kept.state != state:
         kept = copies[id(weight)] = _BaseCopy(weight, state, exact_fold.host_copy(weight))
@@ -206,8 +236,7 @@ class FastPath:
         unet, vae = generator.unet, generator.vae
         p = next(unet.parameters())
         self.device, self.dtype = p.device, p.dtype
-        if self.options.channels_last:
-            # Only while unfolded: folded layers remember positions in the storage order.
+        if self.options.channels_last and not self.options.fold:  # folded networks convert in _enter
             unet.to(memory_format=torch.channels_last)
             vae.to(memory_format=torch.channels_last)
         self.timestep = torch.tensor([generator.schedule.timestep], device=self.device, dtype=torch.long)
@@ -237,15 +266,19 @@ class FastPath:
         self._unet, self._encode, self._decode = unet, vae.encode, vae.decode
         use_graphs = self.options.cuda_graph and self.options.fold and not self.options.compile
         self._graphs = GraphCache(self._forward) if use_graphs and self.device.type == "cuda" else None
+        self._restore = self.options.restore_mode(self.device)
         # restore by copy: id(weight) -> its host copy, taken at the weight's first fold
-        self._copies: dict[int, _BaseCopy] | None = (
-            {} if self.options.restore_mode(self.device) == "copy" else None
-        )
+        self._copies: dict[int, _BaseCopy] = {}
         if self.options.compile:
             kw = {"mode": self.options.compile_mode} if self.options.compile_mode else {}
             self._unet = torch.compile(unet, **kw)
             self._encode = torch.compile(vae.encode, **kw)
             self._decode = torch.compile(vae.decode, **kw)
+        # What `one_step` runs while folded: gamma's roles 1, 2 and 4 are in the weights.
+        self._folded = StepNetworks(
+            encode=self._encode, unet=self._unet, decode=self._decode, skips=self.skips,
+            schedule=generator.schedule, timestep=self.timestep, skips_scaled=True,
+        )  # fmt: skip
 
     # ---- folding ----
     @property
@@ -254,14 +287,22 @@ class FastPath:
 
     def restore_bytes(self) -> int:
         """Host memory held to restore the base exactly (see `turbo.fast.exact_fold`)."""
-        if self._copies is not None:
+        if self._restore == "copy":
             return sum(kept.copy.numel() * kept.copy.element_size() for kept in self._copies.values())
-        return sum(f.record.nbytes for f in self._unet_folds + self._vae_folds)
+        return sum(f.record.nbytes for f in self._unet_folds + self._vae_folds if f.record is not None)
 
     def _enter(self) -> None:
         """Take peft's wrappers out of the shared networks and put the fused first conv in."""
         g = self.generator
         g.unfold()
+        if self.options.channels_last:
+            # Here, not when built: a pipeline that never translates does not pay for the copy (a
+            # no-op once converted). Only while unfolded: folded layers remember storage positions.
+            # Outside inference mode (a call folds inside it): the new weights must stay normal
+            # tensors, which restores and training may write in place.
+            with torch.inference_mode(False):
+                g.unet.to(memory_format=torch.channels_last)
+                g.vae.to(memory_format=torch.channels_last)
         for key, net, own in (("unet", g.unet, "conv_in"), ("vae", g.vae, "skips.")):
             for name, layer in list(lora.lora_layers(net)):
                 if name.startswith(own):  # per-model modules: replaced by fused copies instead
@@ -282,6 +323,8 @@ class FastPath:
 
     def restore(self) -> None:
         """Give the base its exact weights and the networks their peft wrappers back."""
+        if self._restore == "none" and (self._unet_folds or self._vae_folds):
+            raise FastPathError(_FOLDED_FOR_GOOD)
         with torch.no_grad():
             for f in reversed(self._unet_folds + self._vae_folds):
                 f.restore()
@@ -310,20 +353,18 @@ class FastPath:
         if self.active == (model, direction, gamma) and self.folded:
             return
         m = g.check_active(model, direction)
+        if self._restore == "none" and self.folded:
+            raise FastPathError(_FOLDED_FOR_GOOD)
         with torch.no_grad():
             if not self.folded:
                 self._enter()
             unet_key, vae_key = (m.id, gamma), (m.vae_id(direction), gamma)
             if unet_key != self._unet_key:
-                for f in reversed(self._unet_folds):
-                    f.restore()
-                self._unet_folds = self._fold("unet", m.id, gamma)
+                self._unet_folds = self._refold("unet", self._unet_folds, m.id, gamma)
                 self._fuse_conv_in(m.id, m.stochastic, gamma)
                 self._unet_key = unet_key
             if vae_key != self._vae_key:
-                for f in reversed(self._vae_folds):
-                    f.restore()
-                self._vae_folds = self._fold("vae", vae_key[0], gamma)
+                self._vae_folds = self._refold("vae", self._vae_folds, vae_key[0], gamma)
                 self._fuse_skips(vae_key[0], gamma)
                 for _, up, sub in self.upsamplers:
                     sub.refresh(_base(up.conv))  # the conv may have had a LoRA delta folded in
@@ -333,11 +374,33 @@ class FastPath:
             "folded %s %s gamma=%s (%d bytes kept to restore)", model, direction, gamma, self.restore_bytes()
         )
 
-    def _fold(self, net: str, adapter: str, gamma: float) -> list[_FoldedLayer]:
+    def _refold(self, net: str, old: list[_FoldedLayer], adapter: str, gamma: float) -> list[_FoldedLayer]:
+        """Restore `old` and fold `adapter` at `gamma` into network `net`.
+
+        On the cpu with restore by copy, a weight that both fold is rewritten as copy + delta in one
+        pass instead of being copied back first and then added to (one pass over it saved)."""
+        layers = [layer for _, _, layer in self._stripped[net] if adapter in layer.lora_A]
+        rewrite: set[int] = set()
+        if self._restore == "copy" and self.device.type == "cpu":
+            again = {id(layer.get_base_layer().weight) for layer in layers}
+            for f in old:
+                w = f.layer.get_base_layer().weight
+                kept = self._copies.get(id(w))
+                if id(w) in again and kept is not None and kept.weight is w and kept.state == _copy_state(w):
+                    rewrite.add(id(w))
+        for f in reversed(old):
+            if id(f.layer.get_base_layer().weight) not in rewrite:
+                f.restore()
         return [
-            _fold_layer(layer, adapter, gamma, self._copies)
-            for _, _, layer in self._stripped[net]
-            if adapter in layer.lora_A
+            _fold_layer(
+                layer,
+                adapter,
+                gamma,
+                self._restore,
+                self._copies,
+                id(layer.get_base_layer().weight) in rewrite,
+            )
+            for layer in layers
         ]
 
     def _fuse_conv_in(self, mid: str, stochastic: bool, gamma: float) -> None:
@@ -383,14 +446,20 @@ class FastPath:
             x = x.to(self.device, self.dtype, memory_format=fmt)
             text_emb = text_emb.to(self.device, self.dtype)
             noise = None if noise is None else noise.to(self.device, self.dtype)
-            if not self.options.fold:
+            if not self.options.fold:  # peft's adapters at run time, as Generator.forward
                 g = self.generator
-                g.activate(model, direction, gamma)
-                skips = g.vae.skips[g.models[model].vae_id(direction)]
-                return self._forward(x, text_emb, noise, gamma, skips, gamma)
-            self.fold(model, direction, gamma)
+                m = g.check_active(model, direction)
+                net = dataclasses.replace(
+                    self._folded,
+                    skips=g.vae.skips[m.vae_id(direction)],
+                    adapt=lambda gm: g.activate(model, direction, gm),
+                    skips_scaled=False,
+                )
+                return one_step(net, x, text_emb, gamma, noise)
             if self._graphs is None:
-                return self._forward(x, text_emb, noise, gamma)
+                net = dataclasses.replace(self._folded, adapt=lambda gm: self.fold(model, direction, gm))
+                return one_step(net, x, text_emb, gamma, noise)
+            self.fold(model, direction, gamma)  # outside the graph: a capture cannot fold
             if noise is None:
                 return self._graphs(x, text_emb)
             return self._graphs(x, text_emb, noise, torch.full((), gamma, device=self.device))
@@ -401,16 +470,7 @@ class FastPath:
         text_emb: torch.Tensor,
         noise: torch.Tensor | None = None,
         gamma: float | torch.Tensor = 1.0,
-        skips: nn.Module | None = None,
-        skip_gamma: float = 1.0,
     ) -> torch.Tensor:
-        """The one step on inputs already on the device; gamma is a float or, in graphs, a 0-d tensor."""
-        latent, acts = self._encode(x)
-        if noise is not None:
-            latent = latent * gamma + noise * (1 - gamma)
-        if text_emb.shape[0] != latent.shape[0]:
-            text_emb = text_emb.expand(latent.shape[0], *text_emb.shape[1:])
-        eps = self._unet(latent, self.timestep, encoder_hidden_states=text_emb).sample
-        x0 = self.generator.schedule.x0(eps, latent)
-        skips = self.skips if skips is None else skips
-        return self._decode(x0, acts, skips, skip_gamma).clamp(-1, 1)
+        """`one_step` on the folded networks, inputs already on the device (what a CUDA graph
+        captures: gamma is a float, or there a 0-d tensor input)."""
+        return one_step(self._folded, x, text_emb, gamma, noise)
