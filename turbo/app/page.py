@@ -47,20 +47,24 @@ CSS = "#status {min-height: 2.5em}"
 MIN_SIDE = 64  # smallest --max-side: the models (trained at 512 px) give nothing usable much below it
 
 
-def tolerant(image: gr.Image) -> gr.Image:
-    """Make an image input hand a file Pillow cannot open to the handler as its path, so the handler
-    can say what is wrong with it (plain gr.Image fails before the handler with a bare 'Error').
-    Patched on the instance: a gr.Image subclass would make gradio write an app.pyi stub here."""
-    strict = image.preprocess
+def tolerant(component: gr.components.Component) -> gr.components.Component:
+    """Make an input hand what gradio's own checks refuse to the handler, so the handler can say
+    what is wrong in the app's words (gradio fails before the handler with a generic message and a
+    bare 'Error' in the status): an image Pillow cannot open arrives as its path, a number out of
+    the component's range or an emptied box as the raw value (None when emptied).
+    Patched on the instance (a subclass would make gradio write a .pyi stub beside this file), so
+    only for components no handler updates: gradio rebuilds an updated component per session from
+    its class, without the patch."""
+    strict = component.preprocess
 
     def preprocess(payload):
         try:
             return strict(payload)
         except Exception:
-            return None if payload is None else payload.path
+            return getattr(payload, "path", payload)
 
-    image.preprocess = preprocess
-    return image
+    component.preprocess = preprocess
+    return component
 
 
 def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
@@ -132,8 +136,8 @@ def default_host() -> str:
 
 
 def create_app(args: argparse.Namespace) -> TurboApp:
-    """Load the base (BaseModelError, a TurboError, if it cannot be, or if the device cannot run it) and scan the
-    models folder."""
+    """Load the base (BaseModelError, a TurboError, if it cannot be, or if the device cannot run it)
+    and scan the models folder."""
     check_device(args.device)  # "meta" and the like would load, then fail at the first translation
     key = (args.base, args.device, args.dtype)
     get_pipeline(*key, max_models=args.max_models, restore=args.restore)
@@ -152,6 +156,7 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
             "Draw or upload an image, pick a model: the result updates as you go."
         )
         source = gr.State(tab)  # which input the last translation used: "sketch" | "upload"
+        typed = gr.State({})  # the user's prompt and edited captions (TurboApp.model_changed)
         with gr.Row():
             with gr.Column():
                 with gr.Tabs(selected=tab) as tabs:
@@ -177,17 +182,18 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
                         elem_id="model",
                         scale=4,
                     )
-                    refresh = gr.Button("↻ Rescan", size="sm", scale=1, elem_id="refresh")
+                    refresh = gr.Button("Rescan", size="sm", scale=1, elem_id="refresh")
                 prompt = gr.Textbox(
                     label="Prompt", lines=1, placeholder="describe the image you want", elem_id="prompt"
                 )
                 style = gr.Dropdown(STYLE_CHOICES, value=DEFAULT_STYLE, label="Style", elem_id="style")
                 gamma = gr.Slider(0, 1, value=0.4, step=0.05, label="Gamma", elem_id="gamma")
                 with gr.Row():
-                    seed = gr.Number(
+                    # a number out of range reaches the handler, which says what is wrong
+                    seed = tolerant(gr.Number(
                         value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed",
                         scale=3,
-                    )  # fmt: skip
+                    ))  # fmt: skip
                     randomize = gr.Button("Random seed", size="sm", scale=1, elem_id="random")
                 with gr.Row():
                     canny_low = gr.Slider(0, 255, value=100, step=1, label="Canny low threshold")
@@ -200,7 +206,7 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
                 )  # fmt: skip
                 download = gr.DownloadButton("Download PNG", elem_id="download")
                 status = gr.Markdown(
-                    "ℹ️ Draw on the canvas or upload an image.", label="Status", elem_id="status"
+                    "Draw on the canvas or upload an image.", label="Status", elem_id="status"
                 )
                 info = gr.Markdown(label="Model", elem_id="info")
                 condition = gr.Image(label="Edge map (what the model sees)", type="pil", interactive=False)
@@ -211,7 +217,7 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
                 file_types=[".safetensors", ".pkl"],
                 type="filepath",
             )
-        gr.Examples(
+        examples = gr.Examples(
             [[str(ASSETS / f), m, p, s] for f, m, p, s in EXAMPLES if (ASSETS / f).is_file()],
             inputs=[upload, model, prompt, style],
             label="Examples (our own drawings; the released models download on first use)",
@@ -229,11 +235,22 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
         def from_upload(label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high):
             return app.run("upload", label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high)
 
+        # One translation per user action. An image is translated on `upload` (a file picked, dropped
+        # or pasted), not on `change`: replacing an image changes the value twice (two requests).
         sketch.change(from_sketch, common, results, api_name="translate_sketch", **gpu)
-        upload.change(from_upload, common, results, api_name="translate_upload", **gpu)
+        upload.upload(from_upload, common, results, api_name="translate_upload", **gpu)
         run.click(app.run, [source, *common], results, api_name="translate", **gpu)
+
+        def run_if(go, source, *values):  # the last step of a chain that may have stopped
+            return app.run(source, *values) if go else (*(gr.update(),) * 4, source)
+
+        # gamma as typed reaches the check raw: gradio's own range check would fail with a generic
+        # error, and a None from an emptied box would end as 0 in the box
+        gamma_ok = gr.State(False)
+        gamma.release(
+            app.check_gamma, gamma, [gamma, status, gamma_ok], preprocess=False, api_name=False, queue=False
+        ).then(run_if, [gamma_ok, source, *common], results, api_name=False, **gpu)
         for event in (
-            gamma.release,
             seed.change,
             prompt.submit,
             style.input,
@@ -242,23 +259,46 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
         ):
             event(app.run, [source, *common], results, api_name=False, **gpu)
 
-        controls = [prompt, style, gamma, canny_low, canny_high, condition, tabs, info, source]
-        model.change(app.model_changed, [model, prompt, sketch, upload], controls, api_name="set_model").then(
+        controls = [prompt, style, gamma, canny_low, canny_high, condition, tabs, info, source, typed]
+        switch = dict(fn=app.model_changed, inputs=[model, prompt, sketch, upload, typed], outputs=controls)
+        # A model the user picks: `select` fires once (`input` fires twice: on the pick, then on the
+        # blur that follows). A model the app sets (an example, an added checkpoint) chains the same
+        # two steps itself; `change` would run them a second time.
+        model.select(**switch, api_name="set_model").then(
             app.run, [source, *common], results, api_name=False, **gpu
         )
-        demo.load(app.model_changed, [model, prompt, sketch, upload], controls, api_name=False)
+        examples.load_input_event.then(**switch, api_name=False).then(
+            app.run, [source, *common], results, api_name=False, **gpu
+        )
+        demo.load(**switch, api_name=False)
+        # the list as it is now, not as it was when the app started
+        demo.load(app.refresh, [model], [model, folder_text], api_name=False, show_progress="hidden")
         sketch_tab.select(lambda: "sketch", None, source, api_name=False)
         upload_tab.select(lambda: "upload", None, source, api_name=False)
         randomize.click(app.random_seed, None, seed, api_name="random_seed")
 
         refresh.click(app.refresh, [model], [model, folder_text], api_name="refresh")
         timer.tick(app.refresh, [model], [model, folder_text], api_name=False, show_progress="hidden")
+        # an added checkpoint is selected and run (a refused one leaves the page as it was)
+        added = gr.State(False)
+
+        def add_checkpoint(file, label):
+            update, text, message = app.upload_checkpoint(file, label)
+            return update, text, message, "value" in update
+
+        def switch_if_added(added, label, prompt, sketch, upload, typed, source):
+            if not added:
+                return (*(gr.update(),) * 8, source, typed)
+            return app.model_changed(label, prompt, sketch, upload, typed)
+
         checkpoint.upload(
-            app.upload_checkpoint,
+            add_checkpoint,
             [checkpoint, model],
-            [model, folder_text, status],
+            [model, folder_text, status, added],
             api_name="upload_checkpoint",
-        )
+        ).then(
+            switch_if_added, [added, model, prompt, sketch, upload, typed, source], controls, api_name=False
+        ).then(run_if, [added, source, *common], results, api_name=False, **gpu)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     return demo
 
