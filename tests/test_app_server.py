@@ -162,17 +162,17 @@ def test_hot_loading_a_dropped_checkpoint_and_a_broken_file(server, tiny_base_di
         f.write(data[: len(data) // 2])
         f.flush()
         _, text = client.predict("sketch.safetensors", api_name="/refresh")
-        assert "⏳ `dropped.safetensors`" in text
+        assert "- `dropped.safetensors`: still being written" in text
         f.write(data[len(data) // 2 :])
     (folder / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
     deadline = time.time() + 20
     while time.time() < deadline:
         _, text = client.predict("sketch.safetensors", api_name="/refresh")
-        if "✅ `dropped.safetensors`" in text and "❌ `broken.safetensors`" in text:
+        if "`dropped.safetensors`: ready" in text and "`broken.safetensors`: **unusable**" in text:
             break
         time.sleep(0.3)
-    assert "✅ `dropped.safetensors`" in text, text
-    assert "❌ `broken.safetensors`: unusable: not a readable safetensors file" in text
+    assert "- `dropped.safetensors`: ready" in text, text
+    assert "- `broken.safetensors`: **unusable**: not a readable safetensors file" in text
     pic = tmp_path / "pic.png"
     photo().save(pic)
     out, condition, _, status = client.predict(
@@ -198,7 +198,7 @@ def test_uploading_a_checkpoint_through_the_ui(server, tiny_base_dir, tmp_path):
         handle_file(str(src)), "sketch.safetensors", api_name="/upload_checkpoint"
     )
     assert value(model) == "my_model.safetensors" and (folder / "my_model.safetensors").is_file()
-    assert "Added" in status and "✅ `my_model.safetensors`" in text
+    assert "Added" in status and "- `my_model.safetensors`: ready" in text
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(b"not a checkpoint")
     _, text, status = client.predict(
