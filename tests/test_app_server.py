@@ -102,6 +102,24 @@ def test_sketch_upload_and_live_rerun_through_the_client(server, tmp_path):
     assert not np.array_equal(np.asarray(Image.open(out2).convert("RGB")), first)
 
 
+def test_typed_gamma_and_seed_get_the_apps_own_messages(server, tmp_path):
+    _, client, _ = server
+    png = tmp_path / "sketch.png"
+    sketch_image().save(png)
+
+    def status(gamma, seed):
+        return client.predict(
+            "sketch.safetensors", editor(png), None, "a dog", "Anime", gamma, seed, 100, 200,
+            api_name="/translate_sketch",
+        )[3]  # fmt: skip
+
+    assert "Gamma 0.40, seed 7" in status(None, 7)  # an emptied box: the model's default
+    assert status(5, 7) == "**Error:** gamma must be a number from 0 to 1, got 5"
+    assert status(0.5, 99999999999) == (
+        "**Error:** the seed must be a whole number from 0 to 4294967295, got 99999999999"
+    )
+
+
 def test_direction_switching_and_bad_uploads(server, tmp_path):
     _, client, _ = server
     pic = tmp_path / "pic.png"

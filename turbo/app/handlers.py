@@ -444,7 +444,7 @@ class TurboApp:
             typed["prompt"] = text if own else None
 
     def check_gamma(self, gamma: object) -> tuple[dict, str | dict, bool]:
-        """Handler of a gamma change typed or dragged, given gradio's raw value (no range check): an
+        """Handler of a gamma change typed or dragged (the raw value: see turbo/app/inputs.py): an
         emptied box gets the default back (else the box would show 0 and the run would silently take
         it), an out-of-range value the app's message. Returns (gamma update, status update, whether
         to run)."""
@@ -454,6 +454,12 @@ class TurboApp:
             self.warn(str(e))
             return gr.update(), _message(str(e)), False
         return (gr.update(value=DEFAULT_GAMMA) if value is None else gr.update()), gr.update(), True
+
+    @staticmethod
+    def filled_gamma(gamma: object) -> dict:
+        """After a run: an emptied gamma box shows the default the run took (else it would show 0,
+        which the next run would take)."""
+        return gr.update(value=DEFAULT_GAMMA) if gamma is None or gamma == "" else gr.update()
 
     @staticmethod
     def random_seed() -> int:

@@ -28,6 +28,7 @@ from pathlib import Path  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from turbo.app.handlers import MAX_SEED, NO_STYLE, STYLE_CHOICES, TurboApp  # noqa: E402
+from turbo.app.inputs import TolerantImage, TolerantNumber, TolerantSlider  # noqa: E402
 from turbo.app.models_folder import ModelsFolder  # noqa: E402
 from turbo.base import DEFAULT_BASE, DTYPES  # noqa: E402
 from turbo.cli import check_device  # noqa: E402
@@ -45,26 +46,6 @@ EXAMPLES = [
 ]
 CSS = "#status {min-height: 2.5em}"
 MIN_SIDE = 64  # smallest --max-side: the models (trained at 512 px) give nothing usable much below it
-
-
-def tolerant(component: gr.components.Component) -> gr.components.Component:
-    """Make an input hand what gradio's own checks refuse to the handler, so the handler can say
-    what is wrong in the app's words (gradio fails before the handler with a generic message and a
-    bare 'Error' in the status): an image Pillow cannot open arrives as its path, a number out of
-    the component's range or an emptied box as the raw value (None when emptied).
-    Patched on the instance (a subclass would make gradio write a .pyi stub beside this file), so
-    only for components no handler updates: gradio rebuilds an updated component per session from
-    its class, without the patch."""
-    strict = component.preprocess
-
-    def preprocess(payload):
-        try:
-            return strict(payload)
-        except Exception:
-            return getattr(payload, "path", payload)
-
-    component.preprocess = preprocess
-    return component
 
 
 def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
@@ -169,10 +150,10 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
                             elem_id="sketch",
                         )  # fmt: skip
                     with gr.Tab("Upload", id="upload") as upload_tab:
-                        upload = tolerant(gr.Image(
+                        upload = TolerantImage(
                             type="filepath", image_mode=None, sources=["upload", "clipboard"],
                             label="Image (upload, drop or paste)", elem_id="upload",
-                        ))  # fmt: skip
+                        )  # fmt: skip
                 with gr.Row():
                     model = gr.Dropdown(
                         app.labels,
@@ -187,13 +168,13 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
                     label="Prompt", lines=1, placeholder="describe the image you want", elem_id="prompt"
                 )
                 style = gr.Dropdown(STYLE_CHOICES, value=DEFAULT_STYLE, label="Style", elem_id="style")
-                gamma = gr.Slider(0, 1, value=0.4, step=0.05, label="Gamma", elem_id="gamma")
+                # an emptied box (None) or a value out of range reaches the handler (see inputs.py)
+                gamma = TolerantSlider(0, 1, value=0.4, step=0.05, label="Gamma", elem_id="gamma")
                 with gr.Row():
-                    # a number out of range reaches the handler, which says what is wrong
-                    seed = tolerant(gr.Number(
+                    seed = TolerantNumber(
                         value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed",
                         scale=3,
-                    ))  # fmt: skip
+                    )  # fmt: skip
                     randomize = gr.Button("Random seed", size="sm", scale=1, elem_id="random")
                 with gr.Row():
                     canny_low = gr.Slider(0, 255, value=100, step=1, label="Canny low threshold")
@@ -239,17 +220,19 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
         # or pasted), not on `change`: replacing an image changes the value twice (two requests).
         sketch.change(from_sketch, common, results, api_name="translate_sketch", **gpu)
         upload.upload(from_upload, common, results, api_name="translate_upload", **gpu)
-        run.click(app.run, [source, *common], results, api_name="translate", **gpu)
+        # an emptied gamma box: the run takes the default, and the box shows it
+        run.click(app.run, [source, *common], results, api_name="translate", **gpu).then(
+            app.filled_gamma, gamma, gamma, api_name=False, queue=False
+        )
 
         def run_if(go, source, *values):  # the last step of a chain that may have stopped
             return app.run(source, *values) if go else (*(gr.update(),) * 4, source)
 
-        # gamma as typed reaches the check raw: gradio's own range check would fail with a generic
-        # error, and a None from an emptied box would end as 0 in the box
+        # a value typed in gamma's box is checked first: out of range, no run; emptied, the default
         gamma_ok = gr.State(False)
-        gamma.release(
-            app.check_gamma, gamma, [gamma, status, gamma_ok], preprocess=False, api_name=False, queue=False
-        ).then(run_if, [gamma_ok, source, *common], results, api_name=False, **gpu)
+        gamma.release(app.check_gamma, gamma, [gamma, status, gamma_ok], api_name=False, queue=False).then(
+            run_if, [gamma_ok, source, *common], results, api_name=False, **gpu
+        )
         for event in (
             seed.change,
             prompt.submit,
