@@ -6,13 +6,16 @@
 from __future__ import annotations
 
 import functools
+import gc
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import gradio as gr
@@ -21,7 +24,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from turbo.app.handlers import GPU, MAX_SEED, NO_STYLE, MissingInputError, TurboApp, parse_seed
+from turbo.app.handlers import GPU, KEEP_OUTPUTS, MAX_SEED, NO_STYLE, MissingInputError, TurboApp, parse_seed
 from turbo.app.models_folder import ModelsFolder, UploadError, is_candidate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -581,11 +584,87 @@ def test_messages_name_the_users_file_and_say_no_internals(app, tmp_path):
 
 
 def test_a_typed_gamma_is_checked_before_the_run(app):
-    value, status, go = app.check_gamma(None)  # an emptied box
-    assert value["value"] == 0.4 and go and status == gr.update()
-    assert app.check_gamma(0.7) == (gr.update(), gr.update(), True)
-    value, status, go = app.check_gamma(5)
-    assert (
-        value == gr.update() and not go and status == "**Error:** gamma must be a number from 0 to 1, got 5"
-    )
+    value, status, go, emptied = app.check_gamma(None)  # an emptied box: the default shown, no run
+    assert value["value"] == 0.4 and not go and emptied and status == gr.update()
+    assert app.check_gamma(0.7) == (gr.update(), gr.update(), True, False)
+    value, status, go, emptied = app.check_gamma(5)
+    assert value == gr.update() and not go and not emptied
+    assert status == "**Error:** gamma must be a number from 0 to 1, got 5"
     assert app.warnings[-1] == "gamma must be a number from 0 to 1, got 5"
+    # the browser puts 0 in a box left empty: a run told the box was emptied takes the default
+    drawing = {"composite": sketch_image()}
+    status = app.run("sketch", "sketch.safetensors", drawing, None, "a", NO_STYLE, 0, 1, 100, 200, True)[3]
+    assert "Gamma 0.40" in status
+    assert "Gamma 0.00" in app.run("sketch", "sketch.safetensors", drawing, None, "a", NO_STYLE, 0, 1)[3]
+    assert app.filled_gamma(None) == gr.update(value=0.4) and app.filled_gamma(0.3) == gr.update()
+
+
+def _held(app) -> dict:
+    """What a long-running app holds that could grow: cached models, adapters left in the networks,
+    prompt embeddings, result files, fast-path records, gradio-side temp outputs."""
+    g, fast = app.pipeline.generator, app.pipeline.fast
+    modules = [g.unet, g.vae]
+    return {
+        "models": len(app.pipeline.models),
+        "generator models": len(g.models),
+        "parameters": sum(p.numel() for m in modules for p in m.parameters()),
+        "buffers": sum(b.numel() for m in modules for b in m.buffers()),
+        "modules": sum(1 for m in modules for _ in m.modules()),
+        "adapter configs": sum(len(getattr(m, "peft_config", {})) for m in modules),
+        "prompts": len(app.pipeline._prompts),
+        "result files": len(list(app.output_dir.iterdir())),
+        "fast records": None
+        if fast is None
+        else (len(fast._unet_folds), len(fast._vae_folds), sum(map(len, fast._stripped.values()))),
+        "logging handlers": len(logging.getLogger().handlers) + len(logging.getLogger("turbo").handlers),
+    }
+
+
+@pytest.mark.slow
+def test_a_long_sequence_of_translations_and_switches_holds_no_more(tiny_base_dir, models_dir):
+    """--max-models bounds what stays loaded: after two rounds, more rounds of translations with
+    model, direction, gamma, prompt and size switches (a load and an eviction at every step) leave
+    every count as it was and the Python heap flat (each load once left its adapters' configs
+    behind on the networks)."""
+    # a pipeline of its own ("fp32" names the default dtype): the shared one keeps 4 models
+    app = TurboApp(
+        (str(tiny_base_dir), "cpu", "fp32"), ModelsFolder(models_dir, 0.0), max_side=96, warn=lambda t: None,
+        max_models=2,
+    )  # fmt: skip
+    labels = [
+        "sketch.safetensors",
+        "edges.safetensors",
+        "unpaired.safetensors (a2b)",
+        "unpaired.safetensors (b2a)",
+    ]
+
+    def round_(r: int) -> None:
+        typed: dict = {}
+        for i, label in enumerate(labels):
+            *_, typed = app.model_changed(label, f"prompt {i % 5}", None, None, typed)
+            size = (48 + 8 * (i % 2), 40 + 8 * (i % 2))  # every round sees the same shapes
+            if label.startswith("sketch"):
+                out = app.run(
+                    "sketch", label, {"composite": sketch_image(56)}, None, "a", NO_STYLE, i / 12, i
+                )
+            else:
+                out = app.run("upload", label, None, photo(size), f"prompt {i % 5}", NO_STYLE, 0.4, i)
+            assert "Done in" in out[3], out[3]
+
+    round_(0)
+    round_(1)  # every model evicted and loaded again once
+    gc.collect()
+    before = _held(app)
+    tracemalloc.start()
+    try:
+        heap = tracemalloc.get_traced_memory()[0]
+        for r in range(2, 5):
+            round_(r)  # 3 files, 2 kept: a load (and an eviction) at nearly every step
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - heap
+    finally:
+        tracemalloc.stop()
+    after = _held(app)
+    assert after.pop("result files") <= KEEP_OUTPUTS and before.pop("result files") <= KEEP_OUTPUTS
+    assert after == before and before["models"] == 2
+    assert grown < 1_000_000, f"the Python heap grew by {grown} bytes over 12 translations"

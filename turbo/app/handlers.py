@@ -443,17 +443,23 @@ class TurboApp:
             own = text and text not in (previous.prompt, previous.example_prompt)
             typed["prompt"] = text if own else None
 
-    def check_gamma(self, gamma: object) -> tuple[dict, str | dict, bool]:
-        """Handler of a gamma change typed or dragged (the raw value: see turbo/app/inputs.py): an
-        emptied box gets the default back (else the box would show 0 and the run would silently take
-        it), an out-of-range value the app's message. Returns (gamma update, status update, whether
-        to run)."""
+    def check_gamma(self, gamma: object) -> tuple[dict, str | dict, bool, bool]:
+        """Handler of a gamma change typed or dragged (the raw value: see turbo/app/inputs.py).
+
+        Returns (gamma update, status update, whether to run, whether the box was emptied): a value
+        in range runs; one out of range gets the app's message and no run; an emptied box gets the
+        default back and no run of its own (the box is being edited; the Translate press that
+        usually follows runs it). "Emptied" goes to `run` as gamma_emptied: on leaving an emptied
+        box the browser puts 0 in it, which the next run would otherwise take.
+        """
         try:
             value = parse_gamma(gamma)
         except GammaError as e:
             self.warn(str(e))
-            return gr.update(), _message(str(e)), False
-        return (gr.update(value=DEFAULT_GAMMA) if value is None else gr.update()), gr.update(), True
+            return gr.update(), _message(str(e)), False, False
+        if value is None:
+            return gr.update(value=DEFAULT_GAMMA), gr.update(), False, True
+        return gr.update(), gr.update(), True, False
 
     @staticmethod
     def filled_gamma(gamma: object) -> dict:
@@ -508,10 +514,12 @@ class TurboApp:
         seed: float | None = 42,
         canny_low: float = 100,
         canny_high: float = 200,
+        gamma_emptied: bool = False,
     ) -> tuple:
         """Translate the current input. source: "sketch" | "upload"; seed: 0..MAX_SEED (empty: 0);
         gamma: 0..1 (empty: the model's default; used by stochastic models only); canny_low, canny_high:
-        0..255, low <= high (used by edge models only). Python or numpy numbers.
+        0..255, low <= high (used by edge models only). Python or numpy numbers. gamma_emptied: the
+        user emptied the gamma box since it last held a value (`check_gamma`): the model's default.
 
         Returns (output image or None, condition image or None, result file path or None, status
         text, source). Errors come back as a status message (and a warning); nothing is raised.
@@ -520,7 +528,7 @@ class TurboApp:
             c = self.choice(label)
             seed = parse_seed(seed)
             # checked only where used: a model without that control ignores a stale or empty value
-            gamma = parse_gamma(gamma) if c.stochastic else None
+            gamma = parse_gamma(None if gamma_emptied else gamma) if c.stochastic else None
             canny_low, canny_high = parse_canny(canny_low, canny_high) if c.input == "canny" else (100, 200)
             image, note = self.input_image(source, sketch, upload)
             text = (prompt or "").strip()

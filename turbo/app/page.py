@@ -44,7 +44,8 @@ EXAMPLES = [
     ("day_street.png", "day_to_night", "driving in the night", NO_STYLE),
     ("day_street.png", "clear_to_rainy", "driving in heavy rain", NO_STYLE),
 ]
-CSS = "#status {min-height: 2.5em}"
+# tall enough for the queue position and the expected wait gradio shows over a waiting status
+CSS = "#status {min-height: 4.5em}"
 MIN_SIDE = 64  # smallest --max-side: the models (trained at 512 px) give nothing usable much below it
 
 
@@ -209,30 +210,32 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
         common = [model, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high]
         results = [output, condition, download, status, source]
         gpu = dict(concurrency_limit=1, concurrency_id="gpu", trigger_mode="always_last")
+        # set by a gamma box left empty (see TurboApp.check_gamma); read by every translation
+        emptied = gr.State(False)
+        every = [*common, emptied]  # what a translation takes besides the source
 
-        def from_sketch(label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high):
-            return app.run("sketch", label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high)
+        def from_sketch(*values):
+            return app.run("sketch", *values)
 
-        def from_upload(label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high):
-            return app.run("upload", label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high)
-
-        # One translation per user action. An image is translated on `upload` (a file picked, dropped
-        # or pasted), not on `change`: replacing an image changes the value twice (two requests).
-        sketch.change(from_sketch, common, results, api_name="translate_sketch", **gpu)
-        upload.upload(from_upload, common, results, api_name="translate_upload", **gpu)
-        # an emptied gamma box: the run takes the default, and the box shows it
-        run.click(app.run, [source, *common], results, api_name="translate", **gpu).then(
-            app.filled_gamma, gamma, gamma, api_name=False, queue=False
-        )
+        def from_upload(*values):
+            return app.run("upload", *values)
 
         def run_if(go, source, *values):  # the last step of a chain that may have stopped
             return app.run(source, *values) if go else (*(gr.update(),) * 4, source)
 
-        # a value typed in gamma's box is checked first: out of range, no run; emptied, the default
-        gamma_ok = gr.State(False)
-        gamma.release(app.check_gamma, gamma, [gamma, status, gamma_ok], api_name=False, queue=False).then(
-            run_if, [gamma_ok, source, *common], results, api_name=False, **gpu
+        # One translation per user action. An image is translated on `upload` (a file picked, dropped
+        # or pasted), not on `change`: replacing an image changes the value twice (two requests).
+        sketch.change(from_sketch, every, results, api_name="translate_sketch", **gpu)
+        upload.upload(from_upload, every, results, api_name="translate_upload", **gpu)
+        # an emptied gamma box: the run takes the default, and the box shows it
+        run.click(app.run, [source, *every], results, api_name="translate", **gpu).then(
+            app.filled_gamma, gamma, gamma, api_name=False, queue=False
         )
+        # a value typed in gamma's box is checked first: out of range or emptied, no run
+        gamma_ok = gr.State(False)
+        gamma.release(
+            app.check_gamma, gamma, [gamma, status, gamma_ok, emptied], api_name=False, queue=False
+        ).then(run_if, [gamma_ok, source, *every], results, api_name=False, **gpu)
         for event in (
             seed.change,
             prompt.submit,
@@ -240,7 +243,7 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
             canny_low.release,
             canny_high.release,
         ):
-            event(app.run, [source, *common], results, api_name=False, **gpu)
+            event(app.run, [source, *every], results, api_name=False, **gpu)
 
         controls = [prompt, style, gamma, canny_low, canny_high, condition, tabs, info, source, typed]
         switch = dict(fn=app.model_changed, inputs=[model, prompt, sketch, upload, typed], outputs=controls)
@@ -248,10 +251,10 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
         # blur that follows). A model the app sets (an example, an added checkpoint) chains the same
         # two steps itself; `change` would run them a second time.
         model.select(**switch, api_name="set_model").then(
-            app.run, [source, *common], results, api_name=False, **gpu
+            app.run, [source, *every], results, api_name=False, **gpu
         )
         examples.load_input_event.then(**switch, api_name=False).then(
-            app.run, [source, *common], results, api_name=False, **gpu
+            app.run, [source, *every], results, api_name=False, **gpu
         )
         demo.load(**switch, api_name=False)
         # the list as it is now, not as it was when the app started
@@ -281,7 +284,7 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
             api_name="upload_checkpoint",
         ).then(
             switch_if_added, [added, model, prompt, sketch, upload, typed, source], controls, api_name=False
-        ).then(run_if, [added, source, *common], results, api_name=False, **gpu)
+        ).then(run_if, [added, source, *every], results, api_name=False, **gpu)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     return demo
 
