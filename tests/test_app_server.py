@@ -6,14 +6,17 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import threading
 import time
 
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.utils import Status
 from PIL import Image
 from test_app_handlers import checkpoint_files, photo, sketch_image
 
+from turbo.app import handlers
 from turbo.app import page as app_module
 
 
@@ -223,3 +226,45 @@ def test_uploading_a_checkpoint_through_the_ui(server, tiny_base_dir, tmp_path):
         handle_file(str(bad)), "sketch.safetensors", api_name="/upload_checkpoint"
     )
     assert "not a usable checkpoint" in status and not (folder / "bad.pkl").exists()
+
+
+def test_a_queued_request_is_told_its_place_and_the_expected_wait(server, tmp_path, monkeypatch):
+    """What the page shows over a waiting request ("queue: 2/2 | 1.2/3.4s") comes from these
+    estimation messages; one translation at a time, so the later requests wait."""
+    _, client, _ = server
+    pic = tmp_path / "pic.png"
+    photo().save(pic)
+    gate = threading.Event()
+    translate = handlers.gpu_translate
+
+    def held(*args, **kwargs):
+        gate.wait(60)
+        return translate(*args, **kwargs)
+
+    monkeypatch.setattr(handlers, "gpu_translate", held)
+    args = ("unpaired.safetensors (a2b)", None, handle_file(str(pic)), "", "(no style)", 0.4, 42, 100, 200)
+    jobs = []
+    try:
+        jobs = [client.submit(*args, api_name="/translate_upload") for _ in range(3)]
+        deadline, last = time.time() + 60, None
+        while time.time() < deadline:
+            last = jobs[2].status()
+            if last.code == Status.IN_QUEUE and last.rank is not None and last.rank >= 1:
+                break
+            time.sleep(0.1)
+    finally:
+        gate.set()
+    assert last.code == Status.IN_QUEUE and last.rank >= 1 and last.queue_size >= 2, last
+    assert all("Done in" in job.result()[3] for job in jobs)
+    # once a request has run, the next ones in the queue also get an expected wait in seconds
+    gate.clear()
+    try:
+        jobs = [client.submit(*args, api_name="/translate_upload") for _ in range(2)]
+        deadline, eta = time.time() + 60, None
+        while time.time() < deadline and eta is None:
+            eta = jobs[1].status().eta
+            time.sleep(0.1)
+    finally:
+        gate.set()
+    assert eta is not None and eta >= 0
+    assert all("Done in" in job.result()[3] for job in jobs)
