@@ -243,7 +243,10 @@ def test_a_queued_request_is_told_its_place_and_the_expected_wait(server, tmp_pa
         return translate(*args, **kwargs)
 
     monkeypatch.setattr(handlers, "gpu_translate", held)
-    args = ("unpaired.safetensors (a2b)", None, handle_file(str(pic)), "", "(no style)", 0.4, 42, 100, 200)
+
+    def args(k: int) -> tuple:  # outputs that differ: gradio's file cache is keyed by content
+        return ("unpaired.safetensors (a2b)", None, handle_file(str(pic)), f"night {k}", "(no style)", 0.4,
+                42, 100, 200)  # fmt: skip
 
     def waiting(jobs, until):
         """The statuses of the jobs still queued, polled until `until` holds of them (or 60 s)."""
@@ -259,7 +262,7 @@ def test_a_queued_request_is_told_its_place_and_the_expected_wait(server, tmp_pa
         gate.clear()
         jobs = []
         try:
-            jobs = [client.submit(*args, api_name="/translate_upload") for _ in range(3)]
+            jobs = [client.submit(*args(3 * round_ + k), api_name="/translate_upload") for k in range(3)]
             if round_ == 0:  # two wait behind the one running
                 queued = waiting(jobs, lambda q: sorted(s.rank for s in q) == [0, 1])
                 assert sorted(s.rank for s in queued) == [0, 1], queued
