@@ -6,20 +6,24 @@
 from __future__ import annotations
 
 import functools
+import gc
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from turbo.app.handlers import GPU, MAX_SEED, NO_STYLE, MissingInputError, TurboApp, parse_seed
+from turbo.app.handlers import GPU, KEEP_OUTPUTS, MAX_SEED, NO_STYLE, MissingInputError, TurboApp, parse_seed
 from turbo.app.models_folder import ModelsFolder, UploadError, is_candidate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,31 +173,33 @@ def test_choices_list_released_models_and_every_direction_of_the_files(app):
         "edges.safetensors", "sketch.safetensors", "unpaired.safetensors (a2b)", "unpaired.safetensors (b2a)",
     ]  # fmt: skip
     assert app.choice("unpaired.safetensors (b2a)").prompt == "day"
-    assert "✅ `sketch.safetensors`" in app.folder_markdown()
+    assert "- `sketch.safetensors`: ready (paired, stochastic, input sketch)" in app.folder_markdown()
 
 
 def test_model_change_adapts_the_controls(app):
-    prompt, style, gamma, low, high, edges, tabs, text, source = app.model_changed("sketch.safetensors", "")
+    prompt, style, gamma, low, high, edges, tabs, text, source, _ = app.model_changed(
+        "sketch.safetensors", ""
+    )
     assert prompt["value"] == "a cat" and style["visible"] is True
     assert gamma["interactive"] is True and gamma["value"] == 0.4
     assert low["visible"] is False and edges["visible"] is False
     assert tabs.selected == "sketch" and source == "sketch" and "stochastic" in text
-    prompt, style, gamma, low, high, edges, tabs, text, source = app.model_changed(
+    prompt, style, gamma, low, high, edges, tabs, text, source, _ = app.model_changed(
         "edge_to_image", "a red barn"
     )
     assert prompt["value"] == "a red barn"  # the user's own text is kept
     assert gamma["interactive"] is False and "deterministic" in gamma["info"]
     assert low["visible"] is True and high["visible"] is True and edges["visible"] is True
     assert source == "upload" and "downloaded on first use" in text
-    prompt, style, *_, source = app.model_changed("unpaired.safetensors (a2b)", "a red barn")
+    prompt, style, *_, source, _ = app.model_changed("unpaired.safetensors (a2b)", "a red barn")
     assert prompt["value"] == "night" and style["visible"] is False  # the model's caption
     prompt, *_ = app.model_changed("edge_to_image", "night")  # a pre-filled caption is replaced
     assert prompt["value"] == "a blue bird"
     # a sketch model with only an uploaded image (an example was clicked) stays on the upload
     example = "turbo/app/examples/sketch_house.png"
-    *_, tabs, _, source = app.model_changed("sketch.safetensors", "", None, example)
+    *_, tabs, _, source, _ = app.model_changed("sketch.safetensors", "", None, example)
     assert source == "upload" and tabs.selected == "upload"
-    *_, text, source = app.model_changed("nonexistent", "")
+    *_, text, source, _ = app.model_changed("nonexistent", "")
     assert "no model called" in text
 
 
@@ -264,7 +270,7 @@ def test_bad_inputs_become_messages(app, tmp_path, models_dir):
     os.utime(models_dir / "unpaired.safetensors", (time.time() - 10, time.time() - 10))
     status = app.run("upload", "unpaired.safetensors (a2b)", None, str(big))[3]
     assert "not a readable safetensors file" in status
-    assert "❌ `unpaired.safetensors`" in app.refresh()[1]
+    assert "- `unpaired.safetensors`: **unusable**" in app.refresh()[1]
     assert "unpaired.safetensors (a2b)" not in app.labels
     assert len(app.warnings) == 7 and all(app.warnings)
     assert app.run("upload", "edges.safetensors", None, str(big), "a barn")[0] is not None
@@ -479,7 +485,11 @@ def test_gamma_and_canny_values_of_any_kind_are_used_or_refused_clearly(app):
         (np.int64(250), np.int64(200), "got low=250, high=200"),
     ):
         image, _, _, status, _ = edges_run(low, high)
-        assert image is None and status.startswith("⚠️") and message == app.warnings[-1][-len(message) :]
+        assert (
+            image is None
+            and status.startswith("**Error:** ")
+            and message == app.warnings[-1][-len(message) :]
+        )
     assert len(app.warnings) == warned + 5 and not any("translation failed" in w for w in app.warnings)
     # a model without that control ignores what the hidden sliders hold
     status = app.run("upload", "unpaired.safetensors (a2b)", None, photo(), None, NO_STYLE, None, 1, None)[3]
@@ -536,7 +546,7 @@ def test_hub_models_are_listed_at_start_and_load_on_first_use(tiny_base_dir, mod
     assert {"me/sketch", "me/cycle@v1", "me/absent"} <= set(app.labels)
     assert app.choice("me/sketch").pending and "me/sketch" not in app.pipeline.models  # nothing read yet
     # picking it downloads and loads it; the controls then fit the model
-    prompt, _, gamma, *_, text, tab = app.model_changed("me/sketch", "")
+    prompt, _, gamma, *_, text, tab, _ = app.model_changed("me/sketch", "")
     assert prompt["value"] == "a cat" and gamma["interactive"] is True and tab == "sketch"
     assert "from the Hugging Face Hub" in text and "stochastic" in text
     assert "me/sketch" in app.pipeline.models and not app.choice("me/sketch").pending
@@ -644,3 +654,173 @@ def test_app_model_flag_takes_a_hub_id(tiny_base_dir, models_dir, hub_cache):
     assert app.choice("me/sketch").pending and app_module._first_model(args, app) == "me/sketch"
     args.model = "edges.safetensors"  # a label of the list stays a label
     assert app_module.hub_models(args) == [] and app_module._first_model(args, app) == "edges.safetensors"
+
+
+def test_typed_prompt_and_edited_captions_survive_model_and_direction_switches(app):
+    def switch(label, box, typed):
+        prompt, *_, typed = app.model_changed(label, box, None, None, typed)
+        return prompt, typed
+
+    prompt, typed = switch("sketch.safetensors", "", {})
+    assert prompt["value"] == "a cat"  # the model's own prompt
+    prompt, typed = switch("edges.safetensors", "a dog", typed)  # the user typed "a dog"
+    assert prompt["value"] == "a dog"
+    prompt, typed = switch("unpaired.safetensors (a2b)", "a dog", typed)
+    assert prompt["value"] == "night" and prompt["label"] == "Caption (the model's own; edit with care)"
+    prompt, typed = switch("unpaired.safetensors (b2a)", "night, in the rain", typed)  # caption edited
+    assert prompt["value"] == "day"
+    prompt, typed = switch("unpaired.safetensors (a2b)", "day", typed)
+    assert prompt["value"] == "night, in the rain"  # that direction's edit, back
+    prompt, typed = switch("sketch.safetensors", "night, in the rain", typed)
+    assert prompt["value"] == "a dog"  # the user's prompt, through the unpaired model
+    prompt, typed = switch("edges.safetensors", "", typed)  # emptied: the next model's own
+    assert prompt["value"] == ""
+    prompt, typed = switch("sketch.safetensors", "", typed)
+    assert prompt["value"] == "a cat"
+
+
+def test_an_unpaired_model_without_captions_asks_for_one(app, models_dir, tiny_base_dir):
+    from reference import RefUnpaired
+
+    RefUnpaired(str(tiny_base_dir), rank_unet=4, seed=13).save_pkl(models_dir / "mine.pkl")
+    os.utime(models_dir / "mine.pkl", (time.time() - 10, time.time() - 10))
+    app.rescan()
+    prompt, *_ = app.model_changed("mine.pkl (a2b)", "", None, None, {})
+    assert prompt["value"] == "" and prompt["label"] == "Caption (this model has none: write one)"
+    status = app.run("upload", "mine.pkl (a2b)", None, photo(), "")[3]
+    assert status == (
+        "**Error:** mine.pkl (a2b) has no caption of its own: write one in the Caption box (what the "
+        "output should show)"
+    )
+    assert "Done in" in app.run("upload", "mine.pkl (a2b)", None, photo(), "driving at night")[3]
+
+
+def test_a_released_file_in_the_models_folder_serves_the_released_name_once(
+    tiny_base_dir, models_dir, tmp_path, monkeypatch
+):
+    from reference import RefPaired
+
+    from turbo.registry import RELEASED
+
+    monkeypatch.setenv("TURBO_CACHE", str(tmp_path / "empty_cache"))  # not downloaded: offline
+    monkeypatch.setenv("TURBO_OFFLINE", "1")
+    name = "sketch_to_image_stochastic"
+    RefPaired(str(tiny_base_dir), twin=True, seed=12).save_pkl(models_dir / RELEASED[name].filename)
+    os.utime(models_dir / RELEASED[name].filename, (time.time() - 10, time.time() - 10))
+    app = TurboApp((str(tiny_base_dir), "cpu", None), ModelsFolder(models_dir, 0.3), warn=lambda t: None)
+    assert app.labels.count(name) == 1 and RELEASED[name].filename not in app.labels
+    assert len(app.labels) == 10  # six released names, three files (four entries)
+    assert "- `sketch_to_image_stochastic_lora.pkl`: ready" in app.folder_markdown()
+    assert "served as `sketch_to_image_stochastic`" in app.folder_markdown()
+    *_, text, _, _ = app.model_changed(name, "", None, None, {})
+    assert "file `sketch_to_image_stochastic_lora.pkl` of the models folder" in text
+    image, *_, status, _ = app.run("sketch", name, {"composite": sketch_image()}, None, "a cat")
+    assert image is not None and "Done in" in status and "Gamma 0.40" in status
+    # the other released names still need their download
+    assert "cannot download" in app.run("upload", "day_to_night", None, photo())[3]
+
+
+def test_messages_name_the_users_file_and_say_no_internals(app, tmp_path):
+    junk = tmp_path / "gradio" / "0123abcd" / "notes.png"  # where gradio keeps an upload
+    junk.parent.mkdir(parents=True)
+    junk.write_text("this is text")
+    status = app.run("upload", "edges.safetensors", None, str(junk), "x")[3]
+    assert status.startswith("**Error:** ") and "notes.png" in status and str(tmp_path) not in status
+    *_, text, _, _ = app.model_changed("sketch.safetensors", "", None, None, {})
+    assert "direction" not in text  # a paired model has one direction; naming it says nothing
+    *_, text, _, _ = app.model_changed("unpaired.safetensors (b2a)", "", None, None, {})
+    assert "direction b2a" in text
+    assert app.run("upload", "edges.safetensors", None, None, "x")[3] == (
+        "no image yet: upload one (or paste it from the clipboard)"
+    )
+    texts = [app.folder_markdown(), app.refresh("gone.safetensors")[1], status]
+    assert all(ord(ch) < 0x2000 for t in texts for ch in t)  # no emoji icons (boxes without an emoji font)
+
+
+def test_a_typed_gamma_is_checked_before_the_run(app):
+    value, status, go, emptied = app.check_gamma(None)  # an emptied box: the default shown, no run
+    assert value["value"] == 0.4 and not go and emptied and status == gr.update()
+    assert app.check_gamma(0.7) == (gr.update(), gr.update(), True, False)
+    value, status, go, emptied = app.check_gamma(5)
+    assert value == gr.update() and not go and not emptied
+    assert status == "**Error:** gamma must be a number from 0 to 1, got 5"
+    assert app.warnings[-1] == "gamma must be a number from 0 to 1, got 5"
+    # the browser puts 0 in a box left empty: a run told the box was emptied takes the default
+    drawing = {"composite": sketch_image()}
+    status = app.run("sketch", "sketch.safetensors", drawing, None, "a", NO_STYLE, 0, 1, 100, 200, True)[3]
+    assert "Gamma 0.40" in status
+    assert "Gamma 0.00" in app.run("sketch", "sketch.safetensors", drawing, None, "a", NO_STYLE, 0, 1)[3]
+    assert app.filled_gamma(None) == gr.update(value=0.4) and app.filled_gamma(0.3) == gr.update()
+
+
+def _held(app) -> dict:
+    """What a long-running app holds that could grow: cached models, adapters left in the networks,
+    prompt embeddings, result files, fast-path records, gradio-side temp outputs."""
+    g, fast = app.pipeline.generator, app.pipeline.fast
+    modules = [g.unet, g.vae]
+    return {
+        "models": len(app.pipeline.models),
+        "generator models": len(g.models),
+        "parameters": sum(p.numel() for m in modules for p in m.parameters()),
+        "buffers": sum(b.numel() for m in modules for b in m.buffers()),
+        "modules": sum(1 for m in modules for _ in m.modules()),
+        "adapter configs": sum(len(getattr(m, "peft_config", {})) for m in modules),
+        "prompts": len(app.pipeline._prompts),
+        "result files": len(list(app.output_dir.iterdir())),
+        "fast records": None
+        if fast is None
+        else (len(fast._unet_folds), len(fast._vae_folds), sum(map(len, fast._stripped.values()))),
+        "logging handlers": len(logging.getLogger().handlers) + len(logging.getLogger("turbo").handlers),
+    }
+
+
+@pytest.mark.slow
+def test_a_long_sequence_of_translations_and_switches_holds_no_more(tiny_base_dir, models_dir):
+    """--max-models bounds what stays loaded: after two rounds, more rounds of translations with
+    model, direction, gamma, prompt and size switches (a load and an eviction at every step) leave
+    every count as it was and the Python heap flat (each load once left its adapters' configs
+    behind on the networks)."""
+    # a pipeline of its own ("fp32" names the default dtype): the shared one keeps 4 models
+    app = TurboApp(
+        (str(tiny_base_dir), "cpu", "fp32"), ModelsFolder(models_dir, 0.0), max_side=96, warn=lambda t: None,
+        max_models=2,
+    )  # fmt: skip
+    labels = [
+        "sketch.safetensors",
+        "edges.safetensors",
+        "unpaired.safetensors (a2b)",
+        "unpaired.safetensors (b2a)",
+    ]
+
+    def round_(r: int) -> None:
+        typed: dict = {}
+        for i, label in enumerate(labels):
+            *_, typed = app.model_changed(label, f"prompt {i % 5}", None, None, typed)
+            size = (48 + 8 * (i % 2), 40 + 8 * (i % 2))  # every round sees the same shapes
+            if label.startswith("sketch"):
+                out = app.run(
+                    "sketch", label, {"composite": sketch_image(56)}, None, "a", NO_STYLE, i / 12, i
+                )
+            else:
+                out = app.run("upload", label, None, photo(size), f"prompt {i % 5}", NO_STYLE, 0.4, i)
+            assert "Done in" in out[3], out[3]
+
+    round_(0)
+    # traced from a round before the one measured: memory taken before tracing and freed after it
+    # would not count, but its reuse would
+    tracemalloc.start()
+    try:
+        round_(1)  # every model evicted and loaded again once
+        gc.collect()
+        before = _held(app)
+        heap = tracemalloc.get_traced_memory()[0]
+        for r in range(2, 5):
+            round_(r)  # 3 files, 2 kept: a load (and an eviction) at nearly every step
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - heap
+    finally:
+        tracemalloc.stop()
+    after = _held(app)
+    assert after.pop("result files") <= KEEP_OUTPUTS and before.pop("result files") <= KEEP_OUTPUTS
+    assert after == before and before["models"] == 2
+    assert grown < 1_000_000, f"the Python heap grew by {grown} bytes over 12 translations"

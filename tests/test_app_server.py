@@ -6,14 +6,17 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import threading
 import time
 
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
+from gradio_client.utils import Status
 from PIL import Image
 from test_app_handlers import checkpoint_files, photo, sketch_image
 
+from turbo.app import handlers
 from turbo.app import page as app_module
 
 
@@ -102,6 +105,24 @@ def test_sketch_upload_and_live_rerun_through_the_client(server, tmp_path):
     assert not np.array_equal(np.asarray(Image.open(out2).convert("RGB")), first)
 
 
+def test_typed_gamma_and_seed_get_the_apps_own_messages(server, tmp_path):
+    _, client, _ = server
+    png = tmp_path / "sketch.png"
+    sketch_image().save(png)
+
+    def status(gamma, seed):
+        return client.predict(
+            "sketch.safetensors", editor(png), None, "a dog", "Anime", gamma, seed, 100, 200,
+            api_name="/translate_sketch",
+        )[3]  # fmt: skip
+
+    assert "Gamma 0.40, seed 7" in status(None, 7)  # an emptied box: the model's default
+    assert status(5, 7) == "**Error:** gamma must be a number from 0 to 1, got 5"
+    assert status(0.5, 99999999999) == (
+        "**Error:** the seed must be a whole number from 0 to 4294967295, got 99999999999"
+    )
+
+
 def test_direction_switching_and_bad_uploads(server, tmp_path):
     _, client, _ = server
     pic = tmp_path / "pic.png"
@@ -162,17 +183,17 @@ def test_hot_loading_a_dropped_checkpoint_and_a_broken_file(server, tiny_base_di
         f.write(data[: len(data) // 2])
         f.flush()
         _, text = client.predict("sketch.safetensors", api_name="/refresh")
-        assert "⏳ `dropped.safetensors`" in text
+        assert "- `dropped.safetensors`: still being written" in text
         f.write(data[len(data) // 2 :])
     (folder / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00garbage!")
     deadline = time.time() + 20
     while time.time() < deadline:
         _, text = client.predict("sketch.safetensors", api_name="/refresh")
-        if "✅ `dropped.safetensors`" in text and "❌ `broken.safetensors`" in text:
+        if "`dropped.safetensors`: ready" in text and "`broken.safetensors`: **unusable**" in text:
             break
         time.sleep(0.3)
-    assert "✅ `dropped.safetensors`" in text, text
-    assert "❌ `broken.safetensors`: unusable: not a readable safetensors file" in text
+    assert "- `dropped.safetensors`: ready" in text, text
+    assert "- `broken.safetensors`: **unusable**: not a readable safetensors file" in text
     pic = tmp_path / "pic.png"
     photo().save(pic)
     out, condition, _, status = client.predict(
@@ -198,7 +219,7 @@ def test_uploading_a_checkpoint_through_the_ui(server, tiny_base_dir, tmp_path):
         handle_file(str(src)), "sketch.safetensors", api_name="/upload_checkpoint"
     )
     assert value(model) == "my_model.safetensors" and (folder / "my_model.safetensors").is_file()
-    assert "Added" in status and "✅ `my_model.safetensors`" in text
+    assert "Added" in status and "- `my_model.safetensors`: ready" in text
     bad = tmp_path / "bad.pkl"
     bad.write_bytes(b"not a checkpoint")
     _, text, status = client.predict(
@@ -306,3 +327,49 @@ def test_a_hub_download_never_holds_up_translations(hub_server, tmp_path, monkey
     model, status = pending.result(timeout=60)
     assert value(model) == "me/edges" and "Added `me/edges`" in status
     other.close()
+
+
+def test_a_queued_request_is_told_its_place_and_the_expected_wait(server, tmp_path, monkeypatch):
+    """What the page shows over a waiting request ("queue: 2/2 | 1.2/3.4s") comes from these
+    estimation messages: one translation at a time, so the others wait, each told its place (rank,
+    0 = next) and, once a request has run, the expected wait in seconds."""
+    _, client, _ = server
+    pic = tmp_path / "pic.png"
+    photo().save(pic)
+    gate = threading.Event()
+    translate = handlers.gpu_translate
+
+    def held(*args, **kwargs):
+        gate.wait(60)
+        return translate(*args, **kwargs)
+
+    monkeypatch.setattr(handlers, "gpu_translate", held)
+
+    def args(k: int) -> tuple:  # outputs that differ: gradio's file cache is keyed by content
+        return ("unpaired.safetensors (a2b)", None, handle_file(str(pic)), f"night {k}", "(no style)", 0.4,
+                42, 100, 200)  # fmt: skip
+
+    def waiting(jobs, until):
+        """The statuses of the jobs still queued, polled until `until` holds of them (or 60 s)."""
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            queued = [s for s in (job.status() for job in jobs) if s.code == Status.IN_QUEUE]
+            if until(queued):
+                return queued
+            time.sleep(0.1)
+        return queued
+
+    for round_ in range(2):
+        gate.clear()
+        jobs = []
+        try:
+            jobs = [client.submit(*args(3 * round_ + k), api_name="/translate_upload") for k in range(3)]
+            if round_ == 0:  # two wait behind the one running
+                queued = waiting(jobs, lambda q: sorted(s.rank for s in q) == [0, 1])
+                assert sorted(s.rank for s in queued) == [0, 1], queued
+            else:  # the first round's times give an estimate
+                queued = waiting(jobs, lambda q: any(s.eta is not None for s in q))
+                assert any(s.eta is not None and s.eta >= 0 for s in queued), queued
+        finally:
+            gate.set()
+        assert all("Done in" in job.result()[3] for job in jobs)

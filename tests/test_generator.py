@@ -163,9 +163,16 @@ def test_skip_and_lora_paths_each_change_the_output(setup):
 def test_removed_model_leaves_no_adapters(setup, tmp_path):
     _, gen, _, paths, x, emb = setup
     n_params = sum(p.numel() for p in gen.parameters())
+
+    def configs() -> list[set]:  # peft records one per adapter on the network
+        return [set(getattr(net, "peft_config", {})) for net in (gen.unet, gen.vae)]
+
+    before = configs()
     gen.add_checkpoint("tmp", load_checkpoint(paths["unpaired"]))
+    assert configs() != before
     gen.remove_model("tmp")
     assert sum(p.numel() for p in gen.parameters()) == n_params
+    assert configs() == before  # nor their configs (kept, an app evicting models grew with each load)
     with pytest.raises(KeyError, match="not loaded"):
         gen(x, emb, "tmp")
 

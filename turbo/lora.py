@@ -148,6 +148,11 @@ def remove_lora(model: nn.Module, adapter: str) -> None:
             # deactivated first: peft would warn, and switch another adapter on, on deleting an active one
             _set_active(layer, [a for a in layer.active_adapters if a != adapter])
             layer.delete_adapter(adapter)
+    # inject_adapter_in_model records each adapter's config on the network; left there, a long-running
+    # app that loads and evicts models would keep one per load
+    configs = getattr(model, "peft_config", None)
+    if isinstance(configs, dict):
+        configs.pop(adapter, None)
 
 
 # Where the original code puts its adapters (module-name patterns, peft list semantics).

@@ -28,7 +28,16 @@ from turbo.app.models_folder import FolderModel, ModelsFolder
 from turbo.errors import TurboError
 from turbo.formats import CheckpointError
 from turbo.model_source import FORMS, ModelNameError, model_file, parse_model
-from turbo.pipeline import MAX_SEED, GammaError, ModelInfo, Pipeline, SeedError, Translation, get_pipeline
+from turbo.pipeline import (
+    MAX_SEED,
+    GammaError,
+    ModelInfo,
+    Pipeline,
+    PromptError,
+    SeedError,
+    Translation,
+    get_pipeline,
+)
 from turbo.preprocess import (
     ImageError,
     ThresholdError,
@@ -37,7 +46,7 @@ from turbo.preprocess import (
     load_image,
     load_image_limited,
 )
-from turbo.registry import RELEASED, STYLES, UnknownModelError, styled_prompt
+from turbo.registry import RELEASED, STYLES, UnknownModelError, released_file, styled_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -132,8 +141,10 @@ def parse_canny(low: object, high: object) -> tuple[int, int]:
 class Choice:
     """One entry of the model dropdown: a released model or one direction of a checkpoint file.
 
-    model: released name or checkpoint path (what `Pipeline.load` takes); preprocess: canny |
-    sketch | none | unpaired; prompt: the caption (unpaired) or the file's default prompt (paired), if any.
+    model: released name, checkpoint path or Hub id (what `Pipeline.load` takes); preprocess: canny
+    | sketch | none | unpaired; prompt: the caption (unpaired) or the file's default prompt (paired),
+    if any; released: one of the released models (its file possibly found in the models folder: then
+    model is that file's path).
     """
 
     label: str
@@ -147,6 +158,11 @@ class Choice:
     released: bool = False
     hub: bool = False  # a Hugging Face Hub model; model is its id
     pending: bool = False  # a Hub model not downloaded yet: kind, input and directions unknown
+
+    @property
+    def is_file(self) -> bool:
+        """Served from a file of the models folder (not fetched by released name or Hub id)."""
+        return not self.hub and self.model not in RELEASED
 
     @property
     def tab(self) -> str:
@@ -177,7 +193,25 @@ def released_choices() -> list[Choice]:
 
 
 def folder_choices(entry: FolderModel) -> list[Choice]:
-    """A paired checkpoint gives one choice (its file name); an unpaired one, one per direction."""
+    """A paired checkpoint gives one choice (its file name); an unpaired one, one per direction.
+    A released model's own file (same name, e.g. `sketch_to_image_stochastic_lora.pkl`) gives the
+    released name instead, served from this file, so the list has it once and it works offline."""
+    released = [m for m in RELEASED.values() if m.filename == entry.name]
+    if released and all(m.direction in (None, *entry.directions) for m in released):
+        return [
+            Choice(
+                label=m.name,
+                model=str(entry.path),
+                direction=m.direction,
+                kind=m.kind,
+                stochastic=m.stochastic,
+                preprocess=m.preprocess,
+                prompt=m.caption,
+                example_prompt=m.example_prompt,
+                released=True,
+            )  # fmt: skip
+            for m in released
+        ]
     out = []
     for d in entry.directions:
         label = entry.name if len(entry.directions) == 1 else f"{entry.name} ({d})"
@@ -232,7 +266,12 @@ def gpu_load(pipeline_key: tuple, model: str) -> ModelInfo:
 
 
 def _message(text: str) -> str:
-    return f"⚠️ {html.escape(text)}"
+    # plain markup: emoji icons render as empty boxes where the browser has no emoji font
+    return f"**Error:** {html.escape(text)}"
+
+
+def _hint(text: str) -> str:
+    return html.escape(text)
 
 
 class TurboApp:
@@ -276,8 +315,8 @@ class TurboApp:
         for entry in entries:
             if entry.status == "ok":
                 choices.update({c.label: c for c in folder_choices(entry)})
-        old_files = {c.model for c in self._choices.values() if not (c.released or c.hub)}
-        new_files = {c.model for c in choices.values() if not (c.released or c.hub)}
+        old_files = {c.model for c in self._choices.values() if c.is_file}
+        new_files = {c.model for c in choices.values() if c.is_file}
         for gone in old_files - new_files:
             key = Pipeline.file_key(gone)
             if key in self.pipeline.models:
@@ -305,13 +344,16 @@ class TurboApp:
             lines.append("- (no checkpoints yet: drop a `.safetensors` or `.pkl` file here, or upload one)")
         for e in self._entries:
             if e.status == "ok":
+                served = released_file(e.name)
+                as_name = f", served as `{served.name}`" if served is not None else ""
                 lines.append(
-                    f"- ✅ `{e.name}`: {e.kind}{', stochastic' if e.stochastic else ''}, input {e.preprocess}"
+                    f"- `{e.name}`: ready ({e.kind}{', stochastic' if e.stochastic else ''}, input "
+                    f"{e.preprocess}{as_name})"
                 )
             elif e.status == "pending":
-                lines.append(f"- ⏳ `{e.name}`: still being written")
+                lines.append(f"- `{e.name}`: still being written")
             else:
-                lines.append(f"- ❌ `{e.name}`: unusable: {html.escape(e.reason)}")
+                lines.append(f"- `{e.name}`: **unusable**: {html.escape(e.reason)}")
         return "\n".join(lines)
 
     def refresh(self, label: str | None = None) -> tuple[dict, str]:
@@ -319,7 +361,7 @@ class TurboApp:
         self.rescan()
         text = self.folder_markdown()
         if label and label not in self._choices:
-            text += f"\n\n⚠️ `{html.escape(label)}` is no longer in the models folder."
+            text += f"\n\n**Note:** `{html.escape(label)}` is no longer in the models folder."
         return gr.update(choices=self.labels), text
 
     def upload_checkpoint(self, file: str | None, label: str | None = None) -> tuple[dict, str, str]:
@@ -398,28 +440,50 @@ class TurboApp:
         )
 
     # ---- controls ----
-    def model_changed(self, label: str | None, prompt: str | None, sketch=None, upload=None) -> tuple:
+    def model_changed(
+        self, label: str | None, prompt: str | None, sketch=None, upload=None, typed: dict | None = None
+    ) -> tuple:
         """Handler of the model dropdown: adapt the controls to the model.
 
+        typed: what the user wrote, kept per session (a gr.State; None or {} at first): "label", the
+        model the prompt box belonged to; "prompt", the user's own prompt for paired models (None:
+        the model's default); "captions", label -> edited caption of an unpaired direction.
+
         Returns updates for (prompt, style, gamma, canny_low, canny_high, condition image, input
-        tabs, model description) and the input source ("sketch" | "upload") to use: the one the
-        model needs, unless only the other one holds an image (e.g. an example was just loaded).
+        tabs, model description), the input source ("sketch" | "upload") to use: the one the model
+        needs, unless only the other one holds an image (e.g. an example was just loaded), and the
+        new `typed`.
         """
+        typed = dict(typed or {})
         try:
             c = self.ready_choice(label)
         except TurboError as e:
             nothing = (gr.update(),) * 7
-            return (*nothing, _message(str(e)), gr.update())
-        prefilled = {x.prompt for x in self._choices.values()} | {
-            x.example_prompt for x in self._choices.values()
-        }
-        prompt = (prompt or "").strip()
+            return (*nothing, _message(str(e)), gr.update(), typed)
+        self._remember(typed, (prompt or "").strip())
+        typed["label"] = c.label
+        captions = typed.get("captions", {})
         if c.kind == "unpaired":
-            new_prompt = gr.update(value=c.prompt or "", label="Caption (the model's own; edit with care)")
+            if c.prompt:
+                new_prompt = gr.update(
+                    value=captions.get(c.label) or c.prompt,
+                    label="Caption (the model's own; edit with care)",
+                    placeholder="the caption the model was trained with",
+                )
+            else:
+                new_prompt = gr.update(
+                    value=captions.get(c.label, ""),
+                    label="Caption (this model has none: write one)",
+                    placeholder="what the output should show, e.g. driving in the night",
+                )
             style = gr.update(visible=False)
         else:
-            value = prompt if prompt and prompt not in prefilled else (c.prompt or c.example_prompt or "")
-            new_prompt = gr.update(value=value, label="Prompt (describe the image you want)")
+            value = typed.get("prompt") or c.prompt or c.example_prompt or ""
+            new_prompt = gr.update(
+                value=value,
+                label="Prompt (describe the image you want)",
+                placeholder="describe the image you want",
+            )
             style = gr.update(visible=True)
         if c.stochastic:
             gamma = gr.update(
@@ -437,9 +501,15 @@ class TurboApp:
         edges = c.preprocess == "canny"
         canny = gr.update(visible=edges)
         what = "paired (pix2pix-turbo)" if c.kind == "paired" else "unpaired (CycleGAN-Turbo)"
-        where = "released; downloaded on first use" if c.released else f"file `{Path(c.model).name}`"
-        where = "from the Hugging Face Hub" if c.hub else where
-        direction = f", direction {c.direction}" if c.direction and not c.released else ""
+        if c.hub:
+            where = "from the Hugging Face Hub"
+        elif not c.is_file:
+            where = "released; downloaded on first use"
+        elif c.released:
+            where = f"released; file `{Path(c.model).name}` of the models folder"
+        else:
+            where = f"file `{Path(c.model).name}`"
+        direction = f", direction {c.direction}" if c.kind == "unpaired" and not c.released else ""
         text = (
             f"**{html.escape(c.label)}**: {what}{direction}, translates {c.translates}"
             f"{'; stochastic' if c.stochastic else ''} ({where})."
@@ -449,7 +519,52 @@ class TurboApp:
         if not filled[tab] and any(filled.values()):
             tab = "upload" if tab == "sketch" else "sketch"
         shown = gr.update(visible=edges)
-        return new_prompt, style, gamma, canny, canny, shown, gr.Tabs(selected=tab), text, tab
+        return new_prompt, style, gamma, canny, canny, shown, gr.Tabs(selected=tab), text, tab, typed
+
+    def _remember(self, typed: dict, text: str) -> None:
+        """Record in `typed` what the prompt box held for the model it belonged to (see
+        `model_changed`): an edited caption per unpaired direction, the user's own paired prompt."""
+        previous = self._choices.get(typed.get("label"))
+        if previous is None:  # no record (first call, an API client): only text no model pre-fills
+            prefilled = {x.prompt for x in self._choices.values()} | {
+                x.example_prompt for x in self._choices.values()
+            }
+            if text and text not in prefilled:
+                typed["prompt"] = text
+        elif previous.kind == "unpaired":
+            captions = dict(typed.get("captions", {}))
+            if text != (previous.prompt or ""):
+                captions[previous.label] = text
+            else:
+                captions.pop(previous.label, None)
+            typed["captions"] = captions
+        else:
+            own = text and text not in (previous.prompt, previous.example_prompt)
+            typed["prompt"] = text if own else None
+
+    def check_gamma(self, gamma: object) -> tuple[dict, str | dict, bool, bool]:
+        """Handler of a gamma change typed or dragged (the raw value: see turbo/app/inputs.py).
+
+        Returns (gamma update, status update, whether to run, whether the box was emptied): a value
+        in range runs; one out of range gets the app's message and no run; an emptied box gets the
+        default back and no run of its own (the box is being edited; the Translate press that
+        usually follows runs it). "Emptied" goes to `run` as gamma_emptied: on leaving an emptied
+        box the browser puts 0 in it, which the next run would otherwise take.
+        """
+        try:
+            value = parse_gamma(gamma)
+        except GammaError as e:
+            self.warn(str(e))
+            return gr.update(), _message(str(e)), False, False
+        if value is None:
+            return gr.update(value=DEFAULT_GAMMA), gr.update(), False, True
+        return gr.update(), gr.update(), True, False
+
+    @staticmethod
+    def filled_gamma(gamma: object) -> dict:
+        """After a run: an emptied gamma box shows the default the run took (else it would show 0,
+        which the next run would take)."""
+        return gr.update(value=DEFAULT_GAMMA) if gamma is None or gamma == "" else gr.update()
 
     @staticmethod
     def random_seed() -> int:
@@ -475,8 +590,13 @@ class TurboApp:
         else:
             if upload is None or (isinstance(upload, str) and not upload):
                 raise MissingInputError("no image yet: upload one (or paste it from the clipboard)")
-            # size as the user sees it (EXIF rotated)
-            image, size = load_image_limited(upload, self.max_side)
+            try:  # size as the user sees it (EXIF rotated)
+                image, size = load_image_limited(upload, self.max_side)
+            except ImageError as e:
+                if not isinstance(upload, str | Path):
+                    raise
+                # gradio keeps the user's file name under a temp folder the user never saw
+                raise ImageError(str(e).replace(str(upload), Path(upload).name)) from e
         if image.size != size:
             return image, f" (downscaled from {size[0]}x{size[1]} to {image.width}x{image.height})"
         return image, ""
@@ -493,10 +613,12 @@ class TurboApp:
         seed: float | None = 42,
         canny_low: float = 100,
         canny_high: float = 200,
+        gamma_emptied: bool = False,
     ) -> tuple:
         """Translate the current input. source: "sketch" | "upload"; seed: 0..MAX_SEED (empty: 0);
         gamma: 0..1 (empty: the model's default; used by stochastic models only); canny_low, canny_high:
-        0..255, low <= high (used by edge models only). Python or numpy numbers.
+        0..255, low <= high (used by edge models only). Python or numpy numbers. gamma_emptied: the
+        user emptied the gamma box since it last held a value (`check_gamma`): the model's default.
 
         Returns (output image or None, condition image or None, result file path or None, status
         text, source). Errors come back as a status message (and a warning); nothing is raised.
@@ -505,18 +627,22 @@ class TurboApp:
             c = self.ready_choice(label)
             seed = parse_seed(seed)
             # checked only where used: a model without that control ignores a stale or empty value
-            gamma = parse_gamma(gamma) if c.stochastic else None
-            canny_low, canny_high = (
-                parse_canny(canny_low, canny_high) if c.preprocess == "canny" else (100, 200)
-            )
+            gamma = parse_gamma(None if gamma_emptied else gamma) if c.stochastic else None
+            edges = c.preprocess == "canny"
+            canny_low, canny_high = parse_canny(canny_low, canny_high) if edges else (100, 200)
             image, note = self.input_image(source, sketch, upload)
+            text = (prompt or "").strip()
+            if c.kind == "unpaired" and not text and not c.prompt:
+                raise PromptError(
+                    f"{c.label} has no caption of its own: write one in the Caption box (what the output "
+                    "should show)"
+                )
         except MissingInputError as e:  # a hint, not a fault: live events would pop it up repeatedly
-            return None, None, None, f"ℹ️ {html.escape(str(e))}", source
+            return None, None, None, _hint(str(e)), source
         except TurboError as e:
             self.warn(str(e))
             return None, None, None, _message(str(e)), source
         try:
-            text = (prompt or "").strip()
             if c.kind == "paired" and text and style and style != NO_STYLE:
                 text = styled_prompt(text, style)
             self.pipeline.load(c.model)  # downloads and file reads happen outside the GPU function
@@ -525,7 +651,7 @@ class TurboApp:
                 gamma=gamma, seed=seed, canny_low=canny_low, canny_high=canny_high,
             )  # fmt: skip
         except TurboError as e:
-            if isinstance(e, CheckpointError) and not c.released:
+            if isinstance(e, CheckpointError) and c.is_file:
                 self.folder.mark_unusable(c.model, str(e))
             self.warn(str(e))
             return None, None, None, _message(str(e)), source

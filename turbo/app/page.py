@@ -28,6 +28,7 @@ from pathlib import Path  # noqa: E402
 import gradio as gr  # noqa: E402
 
 from turbo.app.handlers import MAX_SEED, NO_STYLE, STYLE_CHOICES, TurboApp  # noqa: E402
+from turbo.app.inputs import TolerantImage, TolerantNumber, TolerantSlider  # noqa: E402
 from turbo.app.models_folder import ModelsFolder  # noqa: E402
 from turbo.base import DEFAULT_BASE, DTYPES  # noqa: E402
 from turbo.cli import check_device  # noqa: E402
@@ -44,24 +45,9 @@ EXAMPLES = [
     ("day_street.png", "day_to_night", "driving in the night", NO_STYLE),
     ("day_street.png", "clear_to_rainy", "driving in heavy rain", NO_STYLE),
 ]
-CSS = "#status {min-height: 2.5em}"
+# tall enough for the queue position and the expected wait gradio shows over a waiting status
+CSS = "#status {min-height: 4.5em}"
 MIN_SIDE = 64  # smallest --max-side: the models (trained at 512 px) give nothing usable much below it
-
-
-def tolerant(image: gr.Image) -> gr.Image:
-    """Make an image input hand a file Pillow cannot open to the handler as its path, so the handler
-    can say what is wrong with it (plain gr.Image fails before the handler with a bare 'Error').
-    Patched on the instance: a gr.Image subclass would make gradio write an app.pyi stub here."""
-    strict = image.preprocess
-
-    def preprocess(payload):
-        try:
-            return strict(payload)
-        except Exception:
-            return None if payload is None else payload.path
-
-    image.preprocess = preprocess
-    return image
 
 
 def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
@@ -202,6 +188,7 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
             "Draw or upload an image, pick a model: the result updates as you go."
         )
         source = gr.State(tab)  # which input the last translation used: "sketch" | "upload"
+        typed = gr.State({})  # the user's prompt and edited captions (TurboApp.model_changed)
         with gr.Row():
             with gr.Column():
                 with gr.Tabs(selected=tab) as tabs:
@@ -214,10 +201,10 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
                             elem_id="sketch",
                         )  # fmt: skip
                     with gr.Tab("Upload", id="upload") as upload_tab:
-                        upload = tolerant(gr.Image(
+                        upload = TolerantImage(
                             type="filepath", image_mode=None, sources=["upload", "clipboard"],
                             label="Image (upload, drop or paste)", elem_id="upload",
-                        ))  # fmt: skip
+                        )  # fmt: skip
                 with gr.Row():
                     model = gr.Dropdown(
                         app.labels,
@@ -227,14 +214,15 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
                         elem_id="model",
                         scale=4,
                     )
-                    refresh = gr.Button("↻ Rescan", size="sm", scale=1, elem_id="refresh")
+                    refresh = gr.Button("Rescan", size="sm", scale=1, elem_id="refresh")
                 prompt = gr.Textbox(
                     label="Prompt", lines=1, placeholder="describe the image you want", elem_id="prompt"
                 )
                 style = gr.Dropdown(STYLE_CHOICES, value=DEFAULT_STYLE, label="Style", elem_id="style")
-                gamma = gr.Slider(0, 1, value=0.4, step=0.05, label="Gamma", elem_id="gamma")
+                # an emptied box (None) or a value out of range reaches the handler (see inputs.py)
+                gamma = TolerantSlider(0, 1, value=0.4, step=0.05, label="Gamma", elem_id="gamma")
                 with gr.Row():
-                    seed = gr.Number(
+                    seed = TolerantNumber(
                         value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed",
                         scale=3,
                     )  # fmt: skip
@@ -250,7 +238,7 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
                 )  # fmt: skip
                 download = gr.DownloadButton("Download PNG", elem_id="download")
                 status = gr.Markdown(
-                    "ℹ️ Draw on the canvas or upload an image.", label="Status", elem_id="status"
+                    "Draw on the canvas or upload an image.", label="Status", elem_id="status"
                 )
                 info = gr.Markdown(label="Model", elem_id="info")
                 condition = gr.Image(label="Edge map (what the model sees)", type="pil", interactive=False)
@@ -272,7 +260,7 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
                 "A turbo model from the Hub: downloaded, checked against the base, added to the list.",
                 elem_id="hub_status",
             )
-        gr.Examples(
+        examples = gr.Examples(
             [[str(ASSETS / f), m, p, s] for f, m, p, s in EXAMPLES if (ASSETS / f).is_file()],
             inputs=[upload, model, prompt, style],
             label="Examples (our own drawings; the released models download on first use)",
@@ -283,48 +271,95 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
         common = [model, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high]
         results = [output, condition, download, status, source]
         gpu = dict(concurrency_limit=1, concurrency_id="gpu", trigger_mode="always_last")
+        # set by a gamma box left empty (see TurboApp.check_gamma); read by every translation
+        emptied = gr.State(False)
+        every = [*common, emptied]  # what a translation takes besides the source
 
-        def from_sketch(label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high):
-            return app.run("sketch", label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high)
+        def from_sketch(*values):
+            return app.run("sketch", *values)
 
-        def from_upload(label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high):
-            return app.run("upload", label, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high)
+        def from_upload(*values):
+            return app.run("upload", *values)
 
-        sketch.change(from_sketch, common, results, api_name="translate_sketch", **gpu)
-        upload.change(from_upload, common, results, api_name="translate_upload", **gpu)
-        run.click(app.run, [source, *common], results, api_name="translate", **gpu)
+        def run_if(go, source, *values):  # the last step of a chain that may have stopped
+            return app.run(source, *values) if go else (*(gr.update(),) * 4, source)
+
+        # One translation per user action. An image is translated on `upload` (a file picked, dropped
+        # or pasted), not on `change`: replacing an image changes the value twice (two requests).
+        sketch.change(from_sketch, every, results, api_name="translate_sketch", **gpu)
+        upload.upload(from_upload, every, results, api_name="translate_upload", **gpu)
+        # an emptied gamma box: the run takes the default, and the box shows it
+        run.click(app.run, [source, *every], results, api_name="translate", **gpu).then(
+            app.filled_gamma, gamma, gamma, api_name=False, queue=False
+        )
+        # a value typed in gamma's box is checked first: out of range or emptied, no run
+        gamma_ok = gr.State(False)
+        gamma.release(
+            app.check_gamma, gamma, [gamma, status, gamma_ok, emptied], api_name=False, queue=False
+        ).then(run_if, [gamma_ok, source, *every], results, api_name=False, **gpu)
         for event in (
-            gamma.release,
             seed.change,
             prompt.submit,
             style.input,
             canny_low.release,
             canny_high.release,
         ):
-            event(app.run, [source, *common], results, api_name=False, **gpu)
+            event(app.run, [source, *every], results, api_name=False, **gpu)
 
-        controls = [prompt, style, gamma, canny_low, canny_high, condition, tabs, info, source]
-        model.change(app.model_changed, [model, prompt, sketch, upload], controls, api_name="set_model").then(
-            app.run, [source, *common], results, api_name=False, **gpu
+        controls = [prompt, style, gamma, canny_low, canny_high, condition, tabs, info, source, typed]
+        switch = dict(fn=app.model_changed, inputs=[model, prompt, sketch, upload, typed], outputs=controls)
+        # A model the user picks: `select` fires once (`input` fires twice: on the pick, then on the
+        # blur that follows). A model the app sets (an example, an added checkpoint) chains the same
+        # two steps itself; `change` would run them a second time.
+        model.select(**switch, api_name="set_model").then(
+            app.run, [source, *every], results, api_name=False, **gpu
         )
-        demo.load(app.model_changed, [model, prompt, sketch, upload], controls, api_name=False)
+        examples.load_input_event.then(**switch, api_name=False).then(
+            app.run, [source, *every], results, api_name=False, **gpu
+        )
+        demo.load(**switch, api_name=False)
+        # the list as it is now, not as it was when the app started
+        demo.load(app.refresh, [model], [model, folder_text], api_name=False, show_progress="hidden")
         sketch_tab.select(lambda: "sketch", None, source, api_name=False)
         upload_tab.select(lambda: "upload", None, source, api_name=False)
         randomize.click(app.random_seed, None, seed, api_name="random_seed")
 
         refresh.click(app.refresh, [model], [model, folder_text], api_name="refresh")
         timer.tick(app.refresh, [model], [model, folder_text], api_name=False, show_progress="hidden")
+        # an added checkpoint is selected and run (a refused one leaves the page as it was)
+        added = gr.State(False)
+
+        def add_checkpoint(file, label):
+            update, text, message = app.upload_checkpoint(file, label)
+            return update, text, message, "value" in update
+
+        def switch_if_added(added, label, prompt, sketch, upload, typed, source):
+            if not added:
+                return (*(gr.update(),) * 8, source, typed)
+            return app.model_changed(label, prompt, sketch, upload, typed)
+
         checkpoint.upload(
-            app.upload_checkpoint,
+            add_checkpoint,
             [checkpoint, model],
-            [model, folder_text, status],
+            [model, folder_text, status, added],
             api_name="upload_checkpoint",
-        )
+        ).then(
+            switch_if_added, [added, model, prompt, sketch, upload, typed, source], controls, api_name=False
+        ).then(run_if, [added, source, *every], results, api_name=False, **gpu)
         # a download runs beside the translations (its own queue); only loading the model onto the
-        # base waits for the translation under way
+        # base waits for the translation under way. An added model is selected and run, as a checkpoint.
         hub = dict(concurrency_id="hub", concurrency_limit=2)
-        hub_add.click(app.add_from_hub, [hub_id], [model, hub_status], api_name="add_from_hub", **hub)
-        hub_id.submit(app.add_from_hub, [hub_id], [model, hub_status], api_name=False, **hub)
+        hub_added = gr.State(False)
+
+        def add_from_hub(hub_id):
+            update, text = app.add_from_hub(hub_id)
+            return update, text, "value" in update
+
+        for event, api_name in ((hub_add.click, "add_from_hub"), (hub_id.submit, False)):
+            event(add_from_hub, [hub_id], [model, hub_status, hub_added], api_name=api_name, **hub).then(
+                switch_if_added, [hub_added, model, prompt, sketch, upload, typed, source], controls,
+                api_name=False,
+            ).then(run_if, [hub_added, source, *every], results, api_name=False, **gpu)  # fmt: skip
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     return demo
 
