@@ -46,7 +46,7 @@ from turbo.preprocess import (
     load_image,
     load_image_limited,
 )
-from turbo.registry import RELEASED, STYLES, UnknownModelError, released_file, styled_prompt
+from turbo.registry import RELEASED, STYLES, ReleasedModel, UnknownModelError, released_file, styled_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ def _number(value: object) -> float | None:
     if isinstance(value, bool) or value is None:
         return None
     try:
-        number = float(value)  # numpy scalars and 0-d arrays convert; None, lists and words do not
+        # value may be any object (hence the ignore): numpy scalars and 0-d arrays convert; None,
+        # lists and words raise, caught below
+        number = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
@@ -175,21 +177,16 @@ class Choice:
         return INPUT_WORDS.get(self.preprocess, self.preprocess)
 
 
+def released_choice(m: ReleasedModel, model: str) -> Choice:
+    """The entry of released model `m`, served from `model` (its name, or its file's path)."""
+    return Choice(
+        label=m.name, model=model, direction=m.direction, kind=m.kind, stochastic=m.stochastic,
+        preprocess=m.preprocess, prompt=m.caption, example_prompt=m.example_prompt, released=True,
+    )  # fmt: skip
+
+
 def released_choices() -> list[Choice]:
-    return [
-        Choice(
-            label=m.name,
-            model=m.name,
-            direction=m.direction,
-            kind=m.kind,
-            stochastic=m.stochastic,
-            preprocess=m.preprocess,
-            prompt=m.caption,
-            example_prompt=m.example_prompt,
-            released=True,
-        )  # fmt: skip
-        for m in RELEASED.values()
-    ]
+    return [released_choice(m, m.name) for m in RELEASED.values()]
 
 
 def folder_choices(entry: FolderModel) -> list[Choice]:
@@ -198,20 +195,7 @@ def folder_choices(entry: FolderModel) -> list[Choice]:
     released name instead, served from this file, so the list has it once and it works offline."""
     released = [m for m in RELEASED.values() if m.filename == entry.name]
     if released and all(m.direction in (None, *entry.directions) for m in released):
-        return [
-            Choice(
-                label=m.name,
-                model=str(entry.path),
-                direction=m.direction,
-                kind=m.kind,
-                stochastic=m.stochastic,
-                preprocess=m.preprocess,
-                prompt=m.caption,
-                example_prompt=m.example_prompt,
-                released=True,
-            )  # fmt: skip
-            for m in released
-        ]
+        return [released_choice(m, str(entry.path)) for m in released]
     out = []
     for d in entry.directions:
         label = entry.name if len(entry.directions) == 1 else f"{entry.name} ({d})"
@@ -524,7 +508,8 @@ class TurboApp:
     def _remember(self, typed: dict, text: str) -> None:
         """Record in `typed` what the prompt box held for the model it belonged to (see
         `model_changed`): an edited caption per unpaired direction, the user's own paired prompt."""
-        previous = self._choices.get(typed.get("label"))
+        label = typed.get("label")  # absent before the first switch
+        previous = self._choices.get(label) if label is not None else None
         if previous is None:  # no record (first call, an API client): only text no model pre-fills
             prefilled = {x.prompt for x in self._choices.values()} | {
                 x.example_prompt for x in self._choices.values()

@@ -24,25 +24,23 @@ class TolerantImage(gr.Image):
             return None if payload is None else payload.path
 
 
-class TolerantSlider(gr.Slider):
+class _AsItIs:
+    """Hands a value the component's own preprocess refuses to the handler as it is."""
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)  # type: ignore[misc]  # the gradio class after it
+        except Exception:
+            return payload
+
+
+class TolerantSlider(_AsItIs, gr.Slider):
     """gr.Slider that hands an emptied number box (None) or a typed value out of range as it is."""
 
     is_template = True
 
-    def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)
-        except Exception:
-            return payload
 
-
-class TolerantNumber(gr.Number):
+class TolerantNumber(_AsItIs, gr.Number):
     """gr.Number that hands a value out of its range as it is."""
 
     is_template = True
-
-    def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)
-        except Exception:
-            return payload

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from turbo.errors import TurboError
 from turbo.formats import CheckpointError, file_version, load_checkpoint
+from turbo.formats.checkpoint import Direction
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,8 @@ class FolderModel:
     kind: str = ""
     stochastic: bool = False
     preprocess: str = ""
-    directions: list[str] = field(default_factory=list)
-    prompts: dict[str, str] = field(default_factory=dict)
+    directions: list[Direction] = field(default_factory=list)
+    prompts: dict[Direction, str] = field(default_factory=dict)
     version: tuple[int, int] = (0, 0)  # (size, mtime_ns)
 
     @property

@@ -24,6 +24,7 @@ import logging  # noqa: E402
 import sys  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Literal, TypedDict  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
@@ -48,6 +49,27 @@ EXAMPLES = [
 # tall enough for the queue position and the expected wait gradio shows over a waiting status
 CSS = "#status {min-height: 4.5em}"
 MIN_SIDE = 64  # smallest --max-side: the models (trained at 512 px) give nothing usable much below it
+
+
+class _Queueing(TypedDict, total=False):
+    """An event's queue settings (keyword arguments of gradio's event listeners)."""
+
+    concurrency_limit: int
+    concurrency_id: str
+    trigger_mode: Literal["once", "multiple", "always_last"]
+
+
+class _Private(TypedDict):
+    """An endpoint kept out of the API (keyword arguments of gradio's event listeners)."""
+
+    api_name: str
+    api_visibility: Literal["public", "private", "undocumented"]
+
+
+# What gradio makes of api_name=False (which it still takes, typed as str | None): hidden, and named
+# "false" (then false_1, ...) rather than after its function, which would take a name that a public
+# endpoint registered later wants (demo.load's app.refresh before the Rescan button's /refresh).
+PRIVATE: _Private = {"api_name": "false", "api_visibility": "private"}
 
 
 def _at_least(minimum: float, kind: type = int) -> Callable[[str], float]:
@@ -270,7 +292,7 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
         # ---- wiring ----
         common = [model, sketch, upload, prompt, style, gamma, seed, canny_low, canny_high]
         results = [output, condition, download, status, source]
-        gpu = dict(concurrency_limit=1, concurrency_id="gpu", trigger_mode="always_last")
+        gpu: _Queueing = {"concurrency_limit": 1, "concurrency_id": "gpu", "trigger_mode": "always_last"}
         # set by a gamma box left empty (see TurboApp.check_gamma); read by every translation
         emptied = gr.State(False)
         every = [*common, emptied]  # what a translation takes besides the source
@@ -290,13 +312,13 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
         upload.upload(from_upload, every, results, api_name="translate_upload", **gpu)
         # an emptied gamma box: the run takes the default, and the box shows it
         run.click(app.run, [source, *every], results, api_name="translate", **gpu).then(
-            app.filled_gamma, gamma, gamma, api_name=False, queue=False
+            app.filled_gamma, gamma, gamma, queue=False, **PRIVATE
         )
         # a value typed in gamma's box is checked first: out of range or emptied, no run
         gamma_ok = gr.State(False)
         gamma.release(
-            app.check_gamma, gamma, [gamma, status, gamma_ok, emptied], api_name=False, queue=False
-        ).then(run_if, [gamma_ok, source, *every], results, api_name=False, **gpu)
+            app.check_gamma, gamma, [gamma, status, gamma_ok, emptied], queue=False, **PRIVATE
+        ).then(run_if, [gamma_ok, source, *every], results, **PRIVATE, **gpu)
         for event in (
             seed.change,
             prompt.submit,
@@ -304,28 +326,28 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
             canny_low.release,
             canny_high.release,
         ):
-            event(app.run, [source, *every], results, api_name=False, **gpu)
+            event(app.run, [source, *every], results, **PRIVATE, **gpu)
 
         controls = [prompt, style, gamma, canny_low, canny_high, condition, tabs, info, source, typed]
-        switch = dict(fn=app.model_changed, inputs=[model, prompt, sketch, upload, typed], outputs=controls)
+        switch_inputs = [model, prompt, sketch, upload, typed]
         # A model the user picks: `select` fires once (`input` fires twice: on the pick, then on the
         # blur that follows). A model the app sets (an example, an added checkpoint) chains the same
         # two steps itself; `change` would run them a second time.
-        model.select(**switch, api_name="set_model").then(
-            app.run, [source, *every], results, api_name=False, **gpu
+        model.select(app.model_changed, switch_inputs, controls, api_name="set_model").then(
+            app.run, [source, *every], results, **PRIVATE, **gpu
         )
-        examples.load_input_event.then(**switch, api_name=False).then(
-            app.run, [source, *every], results, api_name=False, **gpu
+        examples.load_input_event.then(app.model_changed, switch_inputs, controls, **PRIVATE).then(
+            app.run, [source, *every], results, **PRIVATE, **gpu
         )
-        demo.load(**switch, api_name=False)
+        demo.load(app.model_changed, switch_inputs, controls, **PRIVATE)
         # the list as it is now, not as it was when the app started
-        demo.load(app.refresh, [model], [model, folder_text], api_name=False, show_progress="hidden")
-        sketch_tab.select(lambda: "sketch", None, source, api_name=False)
-        upload_tab.select(lambda: "upload", None, source, api_name=False)
+        demo.load(app.refresh, [model], [model, folder_text], show_progress="hidden", **PRIVATE)
+        sketch_tab.select(lambda: "sketch", None, source, **PRIVATE)
+        upload_tab.select(lambda: "upload", None, source, **PRIVATE)
         randomize.click(app.random_seed, None, seed, api_name="random_seed")
 
         refresh.click(app.refresh, [model], [model, folder_text], api_name="refresh")
-        timer.tick(app.refresh, [model], [model, folder_text], api_name=False, show_progress="hidden")
+        timer.tick(app.refresh, [model], [model, folder_text], show_progress="hidden", **PRIVATE)
         # an added checkpoint is selected and run (a refused one leaves the page as it was)
         added = gr.State(False)
 
@@ -344,22 +366,26 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
             [model, folder_text, status, added],
             api_name="upload_checkpoint",
         ).then(
-            switch_if_added, [added, model, prompt, sketch, upload, typed, source], controls, api_name=False
-        ).then(run_if, [added, source, *every], results, api_name=False, **gpu)
+            switch_if_added, [added, model, prompt, sketch, upload, typed, source], controls, **PRIVATE
+        ).then(run_if, [added, source, *every], results, **PRIVATE, **gpu)
         # a download runs beside the translations (its own queue); only loading the model onto the
         # base waits for the translation under way. An added model is selected and run, as a checkpoint.
-        hub = dict(concurrency_id="hub", concurrency_limit=2)
+        hub: _Queueing = {"concurrency_id": "hub", "concurrency_limit": 2}
         hub_added = gr.State(False)
 
         def add_from_hub(hub_id):
             update, text = app.add_from_hub(hub_id)
             return update, text, "value" in update
 
-        for event, api_name in ((hub_add.click, "add_from_hub"), (hub_id.submit, False)):
-            event(add_from_hub, [hub_id], [model, hub_status, hub_added], api_name=api_name, **hub).then(
+        def switch_and_run_after(adding):  # the Add button's event, or the Enter key's
+            adding.then(
                 switch_if_added, [hub_added, model, prompt, sketch, upload, typed, source], controls,
-                api_name=False,
-            ).then(run_if, [hub_added, source, *every], results, api_name=False, **gpu)  # fmt: skip
+                **PRIVATE,
+            ).then(run_if, [hub_added, source, *every], results, **PRIVATE, **gpu)  # fmt: skip
+
+        hub_io = ([hub_id], [model, hub_status, hub_added])
+        switch_and_run_after(hub_add.click(add_from_hub, *hub_io, api_name="add_from_hub", **hub))
+        switch_and_run_after(hub_id.submit(add_from_hub, *hub_io, **PRIVATE, **hub))
     demo.queue(max_size=args.queue_size, default_concurrency_limit=1)
     return demo
 
