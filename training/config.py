@@ -107,13 +107,13 @@ class CommonConfig:
                 raise ConfigError(f"{_flag(f.name)} (a LoRA rank) must be at least 1, got {value}")
         positive = ("batch_size", "max_steps", "gradient_accumulation_steps", "eval_batch_size", "log_every",
                     "lr_num_cycles")  # fmt: skip
-        for f in positive:
-            if getattr(self, f) < 1:
-                raise ConfigError(f"{_flag(f)} must be at least 1, got {getattr(self, f)}")
-        for f in ("checkpoint_every", "keep_last", "eval_every", "num_grid", "num_workers", "lr_warmup_steps",
-                  "weight_decay"):  # fmt: skip
-            if getattr(self, f) < 0:
-                raise ConfigError(f"{_flag(f)} must be 0 or more, got {getattr(self, f)}")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "keep_last", "eval_every", "num_grid", "num_workers",
+                     "lr_warmup_steps", "weight_decay"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_flag(name)} must be 0 or more, got {getattr(self, name)}")
         if self.num_eval_samples < -1:
             raise ConfigError(
                 f"--num-eval-samples must be -1 (all), 0 (none) or more, got {self.num_eval_samples}"
@@ -121,13 +121,13 @@ class CommonConfig:
         if not 0 <= self.seed < 2**31:  # numpy seeds must fit 32 bits; each process adds its rank
             raise ConfigError(f"--seed must lie in [0, 2**31), got {self.seed}")
         # The original clips unconditionally; 0 or a negative norm would zero or reverse every update.
-        for f in ("lr", "max_grad_norm", "adam_epsilon", "lr_power"):
-            if getattr(self, f) <= 0:
-                raise ConfigError(f"{_flag(f)} must be positive, got {getattr(self, f)}")
-        for f in ("adam_beta1", "adam_beta2"):
-            if not 0 <= getattr(self, f) < 1:
-                raise ConfigError(f"{_flag(f)} must lie in [0, 1), got {getattr(self, f)}")
-        for f, valid in (
+        for name in ("lr", "max_grad_norm", "adam_epsilon", "lr_power"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{_flag(name)} must be positive, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{_flag(name)} must lie in [0, 1), got {getattr(self, name)}")
+        for name, valid in (
             ("mixed_precision", MIXED_PRECISION),
             ("frozen_dtype", FROZEN_DTYPES),
             ("report_to", REPORT_TO),
@@ -135,8 +135,8 @@ class CommonConfig:
             ("train_image_prep", IMAGE_PREPS),
             ("test_image_prep", IMAGE_PREPS),
         ):
-            if getattr(self, f) not in valid:
-                raise ConfigError(f"{_flag(f)} {getattr(self, f)!r} is not one of {', '.join(valid)}")
+            if getattr(self, name) not in valid:
+                raise ConfigError(f"{_flag(name)} {getattr(self, name)!r} is not one of {', '.join(valid)}")
         self._validate_push()
         if self.test_image_prep not in EVAL_IMAGE_PREPS:  # it is also the published model's preparation
             raise ConfigError(
@@ -147,8 +147,8 @@ class CommonConfig:
             raise ConfigError(
                 "--frozen-dtype fp16/bf16 needs --mixed-precision (trainable weights stay fp32)"
             )
-        for f in self.network_fields:
-            check_network_source(_flag(f), getattr(self, f))
+        for name in self.network_fields:
+            check_network_source(_flag(name), getattr(self, name))
         if self.fid_weights is not None and not os.path.isfile(os.path.expanduser(self.fid_weights)):
             raise ConfigError(f"--fid-weights {self.fid_weights}: no such file")
         if self.lpips_vgg is not None and not os.path.isfile(os.path.expanduser(self.lpips_vgg)):

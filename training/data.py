@@ -112,7 +112,7 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def list_images(folder: str | os.PathLike) -> list[str]:
+def list_images(folder: str | os.PathLike[str]) -> list[str]:
     """Sorted names of the image files directly in folder (see IMAGE_EXTENSIONS)."""
     return sorted(e.name for e in os.scandir(folder) if e.is_file() and is_image_file(e.name))
 

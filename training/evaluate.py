@@ -123,7 +123,7 @@ class Evaluator:
             inputs = inputs[:num_images]
         self.direction, self.image_prep, self.fid, self.dino = direction, image_prep, fid, dino
         self.inputs = [prepare(p, image_prep) for p in inputs]
-        self.ref_stats = None
+        self.ref_stats: tuple[np.ndarray, np.ndarray] | None = None
         if fid is not None:
             if len(self.inputs) < 2 or len(references) < 2:
                 logger.warning("FID needs at least 2 inputs and 2 references; FID is off")
@@ -171,6 +171,7 @@ class Evaluator:
             dino = self.dino.mean_distance(self.inputs, outputs, progress=progress)
         fid = None
         if self.fid is not None:
+            assert self.ref_stats is not None  # FID stays on only once the references' are computed
             mu, sigma = stats_from_features(self.fid.features(outputs, "FID output features"))
             fid = frechet_distance(mu, sigma, *self.ref_stats)
         return EvalResult(self.direction, len(outputs), fid, dino, self.image_prep, str(samples))
@@ -181,7 +182,8 @@ class PairedEvaluator:
     state. Each pair's input is translated with its prompt and scored against its target: L2, LPIPS,
     PSNR (dB, images in [-1, 1]), CLIP similarity (with `clip`) and FID (with `fid`, a function
     building the FID network): the outputs against test_B, both resized to 512 on the short side
-    (`fid_resize`), as the original's validation. num_images: -1 for all, else the first ones."""
+    (`fid_resize`), as the original's validation; fid_reference: the file caching the targets' FID
+    statistics (needed with `fid`). num_images: -1 for all, else the first ones."""
 
     def __init__(
         self,
@@ -222,7 +224,8 @@ class PairedEvaluator:
         sums = {"val/l2": 0.0, "val/lpips": 0.0, "val/psnr": 0.0}
         if self.clip is not None:
             sums["val/clipsim"] = 0.0
-        rows, written = [], 0
+        rows: list[list[torch.Tensor]] = []
+        written = 0
         if fid_dir is not None:
             # a run resumed from before this step, or a reused output folder, left older images here
             shutil.rmtree(fid_dir, ignore_errors=True)
@@ -258,6 +261,7 @@ class PairedEvaluator:
     def _fid_score(self, folder: Path) -> float:
         from training.fid import cached_stats
 
+        assert self._fid_factory is not None and self.fid_reference is not None  # FID needs both
         if self._fid is None:
             self._fid = self._fid_factory()
         ref = cached_stats(str(self.val_set.output_folder), self._fid, self.fid_reference, fid_resize)

@@ -23,6 +23,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +31,17 @@ import torch.nn.functional as F
 from training.config import CommonConfig, ConfigError, add_common_arguments
 from training.config import parse_config as parse_into
 from training.data import PairedDataset, check_all
+from training.discriminator import CLIPDiscriminator
 from training.evaluate import PairedEvaluator, fid_resize
 
 __all__ = ["PairedConfig", "PairedTrainer", "TrainResult", "fid_resize", "train", "main"]
 from training.frozen import build_clip_similarity, build_discriminator, build_lpips
+from training.losses import CLIPSimilarityLoss, LPIPSLoss
 from training.runtime import save_grid
 from training.state import ResumeError
 from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
 from turbo.base import BaseModel
+from turbo.conv_in import SwitchableConvIn
 from turbo.deprecated_flags import add_renamed
 from turbo.formats import TurboCheckpoint, load_checkpoint
 from turbo.generator import Generator
@@ -124,6 +128,10 @@ class PairedTrainer(Trainer):
     resuming are `training.trainer.Trainer`'s; the objective and validation are here)."""
 
     kind = "paired"
+    cfg: PairedConfig
+    disc: CLIPDiscriminator | None  # None with --lambda-gan 0
+    clip: CLIPSimilarityLoss | None  # None with --lambda-clipsim 0
+    lpips: LPIPSLoss
 
     def _datasets(self) -> None:
         """The training set and the validation set, every problem of both splits at once."""
@@ -150,13 +158,16 @@ class PairedTrainer(Trainer):
         self._add_model(init)
         self.params = self.gen.trainable_parameters(MODEL)
         self._prepare_trainable()
-        nets = networks
+        # each given network is the kind its name says (see the docstring)
+        disc = cast("CLIPDiscriminator | None", networks.get("disc"))
+        lpips = cast("LPIPSLoss | None", networks.get("lpips"))
+        clip = cast("CLIPSimilarityLoss | None", networks.get("clip"))
         self.disc = self.clip = None
         if cfg.lambda_gan > 0:
-            self.disc = nets.get("disc") or build_discriminator(cfg.disc_backbone, cfg.gan_loss_type, dev)
-        self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev, cfg.lpips_vgg)
+            self.disc = disc or build_discriminator(cfg.disc_backbone, cfg.gan_loss_type, dev)
+        self.lpips = lpips or build_lpips(cfg.lpips_pretrained, dev, cfg.lpips_vgg)
         if cfg.lambda_clipsim > 0:
-            self.clip = nets.get("clip") or build_clip_similarity(cfg.clip_model, dev)
+            self.clip = clip or build_clip_similarity(cfg.clip_model, dev)
         opt_g = self._adamw(self.params)
         self.sched_g = self._schedule(opt_g)
         acc = rt.accelerator
@@ -202,8 +213,10 @@ class PairedTrainer(Trainer):
             )
             return
         if cfg.stochastic and not ckpt.stochastic:
-            # The twin is the base's own first conv, as in the released stochastic model.
-            pretrained = self.gen.unet.conv_in.pretrained
+            # The twin is the base's own first conv, as in the released stochastic model (the Generator
+            # put a SwitchableConvIn where diffusers types a Conv2d).
+            pretrained = cast(SwitchableConvIn, self.gen.unet.conv_in).pretrained
+            assert pretrained.bias is not None  # SD's first conv has a bias
             ckpt.unet["conv_in_pretrained.weight"] = pretrained.weight.detach().clone()
             ckpt.unet["conv_in_pretrained.bias"] = pretrained.bias.detach().clone()
             ckpt.stochastic = True

@@ -13,10 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from diffusers.optimization import get_scheduler
@@ -93,7 +93,7 @@ class Trainer:
         # Same seed everywhere while building, so every process starts from identical weights.
         self.rt.seed(cfg.seed, per_process=False)
         # Everything the files can tell is checked before the base and the networks load.
-        self._resume_from = self._read_checkpoint() if cfg.resume else None
+        self._resume_from = self._read_checkpoint(cfg.resume) if cfg.resume else None
         self._datasets()
         self.base_identity: dict[str, str] = {}
         self._build(base, networks or {})
@@ -171,6 +171,7 @@ class Trainer:
 
     def _setup_data(self, train_set: torch.utils.data.Dataset) -> None:
         cfg, rt = self.cfg, self.rt
+        assert isinstance(train_set, Sized)  # the sampler draws from a map-style set of known length
         self.sampler = ResumableBatchSampler(len(train_set), cfg.batch_size, rt.rank, rt.world, cfg.seed)
         # The loader draws a worker base seed each epoch; its own generator keeps that draw out of the
         # global RNG stream, which a resumed run must replay exactly.
@@ -241,12 +242,12 @@ class Trainer:
             state["scaler"] = scaler.state_dict()
         return state
 
-    def _read_checkpoint(self) -> tuple[Path, dict, dict | None, dict]:
-        """(folder, state, this rank's RNG state, saved options) of --resume, checked as far as the files
-        allow: it exists and is complete, it is this trainer's kind, its options fit this run and its
-        base is --base (or --allow-other-base). Raises ResumeError."""
+    def _read_checkpoint(self, resume: str) -> tuple[Path, dict, dict | None, dict]:
+        """(folder, state, this rank's RNG state, saved options) of `resume` (--resume), checked as far
+        as the files allow: it exists and is complete, it is this trainer's kind, its options fit this
+        run and its base is --base (or --allow-other-base). Raises ResumeError."""
         cfg = self.cfg
-        folder = resolve_checkpoint(cfg.resume, cfg.output)
+        folder = resolve_checkpoint(resume, cfg.output)
         state, rng = load_state(folder, self.rt.rank)
         # Checkpoints saved before "kind" was stored: only unpaired states have disc_a.
         kind = state.get("kind") or ("unpaired" if "disc_a" in state else "paired")
@@ -307,6 +308,7 @@ class Trainer:
         logger.warning("%s (continuing: --allow-other-base)", what)
 
     def _resume(self) -> dict | None:
+        assert self._resume_from is not None  # read in __init__ whenever --resume is given
         folder, state, rng, _ = self._resume_from
         named, saved = self._named_trainable(), state["generator"]
         if not isinstance(saved, dict) or set(saved) != set(named):
@@ -354,7 +356,7 @@ class Trainer:
         model = self.export() if self.rt.is_main else None
         folder = self.writer.save(self.step, model, self.state_dict(position))
         self.hub.checkpoint(self.step, model, folder / MODEL_FILE)  # --push-every-checkpoint
-        if self.rt.is_main and self.cfg.publish_to:
+        if model is not None and self.cfg.publish_to:  # the model is exported on rank 0 only
             save_checkpoint(model, Path(self.cfg.publish_to) / f"{self.name}.safetensors")
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -430,14 +432,17 @@ def run_training(trainer: Callable[..., Trainer], cfg: CommonConfig, **kwargs) -
         rt.close()
 
 
+ConfigT = TypeVar("ConfigT", bound=CommonConfig)
+
+
 def cli_main(
-    parse_config: Callable[[list[str] | None], CommonConfig],
-    train: Callable[[CommonConfig], TrainResult],
+    parse_config: Callable[[list[str] | None], ConfigT],
+    train: Callable[[ConfigT], TrainResult],
     argv: list[str] | None,
 ) -> int:
     """A trainer's `main`: parse, train, print the result as one JSON line; exit status 2 on errors."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = None
+    cfg: ConfigT | None = None
     try:
         cfg = parse_config(argv)
         result = train(cfg)

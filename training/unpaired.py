@@ -31,7 +31,9 @@ import gc
 import logging
 import sys
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -43,14 +45,17 @@ from training.dino_structure import DINO_HUB_ID
 from training.discriminator import CLIPDiscriminator
 from training.evaluate import EvalResult, Evaluator, build_metrics, write_report
 from training.frozen import build_discriminator, build_lpips
+from training.losses import LPIPSLoss
 from training.runtime import save_grid
 from training.state import ResumeError
 from training.trainer import Trainer, TrainResult, as_fp32, cli_main, run_training
 from turbo import lora
 from turbo.base import BaseModel
+from turbo.conv_in import SwitchableConvIn
 from turbo.formats import TurboCheckpoint
 from turbo.generator import Generator
 from turbo.preprocess import to_model_input
+from turbo.skip_vae import SkipConvs
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +145,9 @@ class UnpairedTrainer(Trainer):
     resuming are `training.trainer.Trainer`'s; the objective and validation are here)."""
 
     kind = "unpaired"
+    cfg: UnpairedConfig
+    disc: dict[str, CLIPDiscriminator]  # by the domain it judges: "a", "b"
+    lpips: LPIPSLoss
 
     def _datasets(self) -> None:
         """The training set; the test split (both domains) too when validation will read it: every
@@ -170,7 +178,7 @@ class UnpairedTrainer(Trainer):
             "a2b": self.base.encode_prompt(self.captions["b"]).float(),
             "b2a": self.base.encode_prompt(self.captions["a"]).float(),
         }
-        self.base.text_encoder = None
+        self.base.text_encoder = None  # type: ignore[assignment]  # freed: nothing encodes text after this
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -181,14 +189,21 @@ class UnpairedTrainer(Trainer):
         twice = self.listed_twice() if cfg.double_conv_updates else []
         # clipped as the original clips its list: the norm counts these twice
         self.clip_params = self.params + twice
-        nets = networks
-        disc_a = nets.get("disc_a") or build_discriminator(cfg.disc_backbone, cfg.gan_loss_type, dev)
+        # each given network is the kind its name says (see the docstring)
+        disc_a = cast("CLIPDiscriminator | None", networks.get("disc_a")) or build_discriminator(
+            cfg.disc_backbone, cfg.gan_loss_type, dev
+        )
         # Both discriminators share one frozen CLIP tower (only their heads differ), stored in the
         # frozen dtype: one ViT-B/32 in memory instead of two.
-        disc_a.backbone.to(dtype=rt.frozen_dtype)
-        disc_b = nets.get("disc_b") or CLIPDiscriminator(disc_a.backbone, loss_type=cfg.gan_loss_type)
+        # transformers wraps Module.to with functools.wraps, which mypy reads as unbound (self missing)
+        disc_a.backbone.to(dtype=rt.frozen_dtype)  # type: ignore[call-arg]
+        disc_b = cast("CLIPDiscriminator | None", networks.get("disc_b")) or CLIPDiscriminator(
+            disc_a.backbone, loss_type=cfg.gan_loss_type
+        )
         self.disc = {"a": disc_a, "b": disc_b.to(dev).train()}
-        self.lpips = nets.get("lpips") or build_lpips(cfg.lpips_pretrained, dev, cfg.lpips_vgg)
+        self.lpips = cast("LPIPSLoss | None", networks.get("lpips")) or build_lpips(
+            cfg.lpips_pretrained, dev, cfg.lpips_vgg
+        )
         twice_ids = {id(p) for p in twice}
         once = [p for p in self.params if id(p) not in twice_ids]
         opt_g = self._adamw([{"params": once}] + ([{"params": twice, "updates": 2}] if twice else []))
@@ -222,10 +237,11 @@ class UnpairedTrainer(Trainer):
         those convs' LoRA weights again."""
         m = self.gen.models[MODEL]
         lora_weights = lora.lora_parameters(self.gen.unet, m.id)
-        convs = list(self.gen.unet.conv_in.trained[m.id].parameters())
+        # the Generator put a SwitchableConvIn where diffusers types a Conv2d
+        convs = list(cast(SwitchableConvIn, self.gen.unet.conv_in).trained[m.id].parameters())
         for d in m.directions:
             lora_weights += lora.lora_parameters(self.gen.vae, m.vae_id(d))
-            skips = self.gen.vae.skips[m.vae_id(d)]
+            skips = cast(SkipConvs, self.gen.vae.skips[m.vae_id(d)])
             convs += [p for i in range(len(skips.names)) for p in skips[i].parameters()]
         in_lora = {id(p) for p in lora_weights}
         trainable = {id(p) for p in self.params}
@@ -373,7 +389,7 @@ class UnpairedTrainer(Trainer):
             rows = []
             for d, ev in self.evaluators.items():
                 r = ev.run(
-                    lambda x, d=d: self.translate(x, d), folder / d, self.cfg.eval_batch_size, progress=False
+                    partial(self.translate, direction=d), folder / d, self.cfg.eval_batch_size, progress=False
                 )
                 results.append(r)
                 if r.dino_structure is not None:
