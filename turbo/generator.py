@@ -20,8 +20,11 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from turbo import lora
@@ -29,7 +32,11 @@ from turbo.base import BaseModel, OneStepSchedule
 from turbo.conv_in import SwitchableConvIn
 from turbo.errors import TurboError
 from turbo.formats import CheckpointError, TurboCheckpoint
-from turbo.skip_vae import SkipVAE
+from turbo.formats.checkpoint import Direction, Kind
+from turbo.skip_vae import SkipConvs, SkipVAE
+
+if TYPE_CHECKING:
+    from turbo.fast.path import FastPath
 
 
 class ModelNameTakenError(TurboError):
@@ -50,7 +57,7 @@ class StepNetworks:
     """
 
     encode: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]]  # SkipVAE.encode
-    unet: Callable[..., object]  # diffusers' UNet: (latent, t, encoder_hidden_states=) -> .sample
+    unet: Callable[..., UNet2DConditionOutput]  # diffusers' UNet: (latent, t, encoder_hidden_states=)
     decode: Callable[..., torch.Tensor]  # SkipVAE.decode: (x0, activations, skips, skip scale)
     skips: nn.Module
     schedule: OneStepSchedule
@@ -98,13 +105,13 @@ class LoadedModel:
 
     name: str
     id: str
-    kind: str
+    kind: Kind
     stochastic: bool
     rank_unet: int
     alpha_unet: float
     rank_vae: int
     alpha_vae: float
-    directions: list[str]
+    directions: list[Direction]
     has_conv_in: bool = True
 
     def vae_id(self, direction: str) -> str:
@@ -118,14 +125,25 @@ class Generator(nn.Module):
         super().__init__()
         unet = base.unet
         if not isinstance(unet.conv_in, SwitchableConvIn):
-            unet.conv_in = SwitchableConvIn(unet.conv_in)
+            # cast: diffusers annotates a Conv2d; ours computes like one (and carries its channels)
+            unet.conv_in = cast(nn.Conv2d, SwitchableConvIn(unet.conv_in))
         self.unet = unet
         self.vae = SkipVAE(base.vae)
         self.schedule = base.schedule
         self.models: dict[str, LoadedModel] = {}
         self._ids = itertools.count()
         # Set by `turbo.fast.path.FastPath` while it has a model folded into the base weights.
-        self.folded = None
+        self.folded: FastPath | None = None
+
+    @property
+    def conv_in(self) -> SwitchableConvIn:
+        """The UNet's first conv: ours, except while a fast path has it swapped out (folded), which
+        every method that uses it undoes first (`unfold`)."""
+        return cast(SwitchableConvIn, self.unet.conv_in)
+
+    def skips(self, vae_id: str) -> SkipConvs:
+        """The skip convs of one model's direction (`LoadedModel.vae_id`)."""
+        return cast(SkipConvs, self.vae.skips[vae_id])
 
     # ---- the step ----
     def forward(
@@ -159,7 +177,7 @@ class Generator(nn.Module):
             encode=self.vae.encode,
             unet=self.unet,
             decode=self.vae.decode,
-            skips=self.vae.skips[m.vae_id(direction)],
+            skips=self.skips(m.vae_id(direction)),
             schedule=self.schedule,
             timestep=torch.tensor([self.schedule.timestep], device=device, dtype=torch.long),
             adapt=lambda gamma: self.activate(m.name, direction, gamma),
@@ -183,7 +201,7 @@ class Generator(nn.Module):
         self.unfold()
         lora.activate(self.unet, m.id, gamma)
         lora.activate(self.vae, m.vae_id(direction), gamma)
-        self.unet.conv_in.active, self.unet.conv_in.gamma = m.id, gamma
+        self.conv_in.active, self.conv_in.gamma = m.id, gamma
 
     # ---- the fast path's fold: undone before anything changes the networks ----
     def unfold(self) -> None:
@@ -220,14 +238,23 @@ class Generator(nn.Module):
         ]
 
     # ---- adding and removing models ----
-    def _add(self, name, kind, stochastic, ranks, unet_targets, vae_targets, directions) -> LoadedModel:
+    def _add(
+        self,
+        name: str,
+        kind: Kind,
+        stochastic: bool,
+        ranks: tuple[int, float, int, float],  # rank_unet, alpha_unet, rank_vae, alpha_vae
+        unet_targets: list[str],
+        vae_targets: dict[Direction, list[str]],
+        directions: list[Direction],
+    ) -> LoadedModel:
         if name in self.models:
             raise ModelNameTakenError(f"a model named {name!r} is already loaded")
         self.unfold()
         m = LoadedModel(name, f"m{next(self._ids)}", kind, stochastic, *ranks, directions=list(directions))
         self.models[name] = m
         try:
-            self.unet.conv_in.add(m.id, twin=stochastic)
+            self.conv_in.add(m.id, twin=stochastic)
             lora.add_lora(self.unet, m.id, [self._unet_module(m.id, t) for t in unet_targets], *ranks[:2])
             for d in directions:
                 vid = m.vae_id(d)
@@ -241,7 +268,7 @@ class Generator(nn.Module):
     def new_model(
         self,
         name: str,
-        kind: str = "paired",
+        kind: Kind = "paired",
         stochastic: bool = False,
         rank_unet: int = 8,
         rank_vae: int = 4,
@@ -255,7 +282,7 @@ class Generator(nn.Module):
         Defaults follow the original: paired LoRA alpha 8 (peft's default), unpaired UNet alpha =
         rank with targets grepped from the UNet; target lists are diffusers module names.
         """
-        directions = ["a2b"] if kind == "paired" else ["a2b", "b2a"]
+        directions: list[Direction] = ["a2b"] if kind == "paired" else ["a2b", "b2a"]
         if unet_targets is None:
             if kind == "paired":
                 unet_targets = self._unet_targets(lora.PAIRED_UNET_PATTERNS)
@@ -301,7 +328,7 @@ class Generator(nn.Module):
                 module, tail = k.rsplit(".lora_", 1)
                 unet_lora[f"{self._unet_module(m.id, module)}.lora_{tail}"] = v
         lora.load_lora_weights(self.unet, m.id, unet_lora, where)
-        conv = self.unet.conv_in
+        conv = self.conv_in
         with torch.no_grad():
             for src, dst in (
                 ("conv_in", conv.trained[m.id]),
@@ -320,7 +347,7 @@ class Generator(nn.Module):
                     {self._vae_module(vid, k): v for k, v in sd.items() if ".lora_" in k},
                     where,
                 )
-                skips = self.vae.skips[vid]
+                skips = self.skips(vid)
                 for i, sname in enumerate(skips.names):
                     key = f"decoder.{sname}.weight"
                     if key not in sd:
@@ -334,7 +361,7 @@ class Generator(nn.Module):
         self.unfold()
         m = self.models.pop(name)
         lora.remove_lora(self.unet, m.id)
-        self.unet.conv_in.remove(m.id)
+        self.conv_in.remove(m.id)
         for d in m.directions:
             lora.remove_lora(self.vae, m.vae_id(d))
             if m.vae_id(d) in self.vae.skips:
@@ -350,12 +377,12 @@ class Generator(nn.Module):
         """
         self.unfold()
         m = self.models[name]
-        params = lora.lora_parameters(self.unet, m.id) + list(self.unet.conv_in.trained[m.id].parameters())
+        params = lora.lora_parameters(self.unet, m.id) + list(self.conv_in.trained[m.id].parameters())
         for d in m.directions:
             params += lora.lora_parameters(self.vae, m.vae_id(d))
-            skips = self.vae.skips[m.vae_id(d)]
+            skips = self.skips(m.vae_id(d))
             for i in range(len(skips.names)):
-                weight = skips.base(i).weight
+                weight = cast(nn.Parameter, skips.base(i).weight)  # torch annotates a Tensor
                 weight.requires_grad_(m.kind == "paired")
                 if m.kind == "paired":
                     params.append(weight)
@@ -376,24 +403,16 @@ class Generator(nn.Module):
             return k.replace(f"conv_in.trained.{m.id}.", "conv_in.")
 
         unet = {unet_key(k): v for k, v in lora.lora_weights(self.unet, m.id).items()}
-        trained = self.unet.conv_in.trained[m.id]
-        trained = trained.get_base_layer() if hasattr(trained, "get_base_layer") else trained
-        unet.update({"conv_in.weight": trained.weight.detach(), "conv_in.bias": trained.bias.detach()})
+        unet.update(_first_conv_state("conv_in", self.conv_in.trained[m.id]))
         if m.stochastic:
-            twin = self.unet.conv_in.twins[m.id]
-            unet.update(
-                {
-                    "conv_in_pretrained.weight": twin.weight.detach(),
-                    "conv_in_pretrained.bias": twin.bias.detach(),
-                }
-            )
-        vae = {}
+            unet.update(_first_conv_state("conv_in_pretrained", self.conv_in.twins[m.id]))
+        vae: dict[Direction, dict[str, torch.Tensor]] = {}
         for d in m.directions:
             vid = m.vae_id(d)
             sd = {
                 k.replace(f"skips.{vid}.", "decoder."): v for k, v in lora.lora_weights(self.vae, vid).items()
             }
-            skips = self.vae.skips[vid]
+            skips = self.skips(vid)
             for i, sname in enumerate(skips.names):
                 sd[f"decoder.{sname}.weight"] = skips.base(i).weight.detach()
             vae[d] = sd
@@ -404,6 +423,14 @@ class Generator(nn.Module):
         if "preprocess" not in fields:
             ckpt.preprocess = "unpaired" if m.kind == "unpaired" else ("sketch" if m.stochastic else "none")
         return ckpt
+
+
+def _first_conv_state(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """`{prefix}.weight` and `.bias` (detached) of a first conv, trained or twin, out of its LoRA wrapper."""
+    base = module.get_base_layer() if isinstance(module, LoraLayer) else module
+    conv = cast(nn.Conv2d, base)  # SwitchableConvIn's ModuleDicts hold copies of the UNet's Conv2d
+    assert conv.bias is not None, "SD-Turbo's first conv has a bias"
+    return {f"{prefix}.weight": conv.weight.detach(), f"{prefix}.bias": conv.bias.detach()}
 
 
 def _copy(dst: torch.Tensor, src: torch.Tensor, what: str) -> None:

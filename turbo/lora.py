@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator
+from typing import cast
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
@@ -49,7 +50,11 @@ def add_lora(model: nn.Module, adapter: str, targets: list[str], rank: int, alph
         raise LoraWeightsError(f"adapter {adapter!r} has no target modules")
     # Anchored full names: a plain name would also match deeper modules with the same suffix.
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights="gaussian", lora_dropout=0.0
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]  # peft annotates int; it only divides by it (alpha / r)
+        target_modules=targets,
+        init_lora_weights="gaussian",
+        lora_dropout=0.0,
     )
     with warnings.catch_warnings():
         # peft warns when a network already carries adapters; several per network is the design.
@@ -71,6 +76,12 @@ def _set_active(layer: LoraLayer, adapters: list[str]) -> None:
     layer.set_adapter(adapters)
     for p, flag in flags:
         p.requires_grad_(flag)
+
+
+def adapter_weight(mods: nn.ModuleDict, adapter: str) -> nn.Parameter:
+    """The weight of `adapter` in a LoRA layer's `lora_A` or `lora_B` (a bias-free Linear or Conv2d)."""
+    # cast: nn.Module's attribute lookup is typed Tensor | Module
+    return cast(nn.Parameter, mods[adapter].weight)
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -96,7 +107,7 @@ def load_lora_weights(model: nn.Module, adapter: str, weights: dict[str, torch.T
     with torch.no_grad():
         for name, layer in layers.items():
             for ab, mods in (("A", layer.lora_A), ("B", layer.lora_B)):
-                src, dst = weights[f"{name}.lora_{ab}.weight"], mods[adapter].weight
+                src, dst = weights[f"{name}.lora_{ab}.weight"], adapter_weight(mods, adapter)
                 if src.shape != dst.shape:
                     shapes = f"has shape {tuple(src.shape)}, the base needs {tuple(dst.shape)}"
                     raise LoraWeightsError(f"{where}: {name}.lora_{ab} {shapes}")
@@ -108,8 +119,8 @@ def lora_weights(model: nn.Module, adapter: str) -> dict[str, torch.Tensor]:
     out = {}
     for name, layer in lora_layers(model):
         if adapter in layer.lora_A:
-            out[f"{name}.lora_A.weight"] = layer.lora_A[adapter].weight.detach()
-            out[f"{name}.lora_B.weight"] = layer.lora_B[adapter].weight.detach()
+            out[f"{name}.lora_A.weight"] = adapter_weight(layer.lora_A, adapter).detach()
+            out[f"{name}.lora_B.weight"] = adapter_weight(layer.lora_B, adapter).detach()
     return out
 
 
@@ -117,7 +128,7 @@ def lora_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
     params = []
     for _, layer in lora_layers(model):
         if adapter in layer.lora_A:
-            params += [layer.lora_A[adapter].weight, layer.lora_B[adapter].weight]
+            params += [adapter_weight(layer.lora_A, adapter), adapter_weight(layer.lora_B, adapter)]
     return params
 
 
@@ -138,7 +149,8 @@ def activate(model: nn.Module, adapter: str | None, scale: float | torch.Tensor 
         if isinstance(scale, torch.Tensor):
             dims = 4 if isinstance(layer.get_base_layer(), nn.Conv2d) else 3
             s = scale.reshape(-1, *([1] * (dims - 1)))
-        layer.set_scale(adapter, s)  # s * alpha / r
+        # s * alpha / r; peft annotates a float, a tensor scales per sample the same way
+        layer.set_scale(adapter, s)  # type: ignore[arg-type]
 
 
 def remove_lora(model: nn.Module, adapter: str) -> None:

@@ -24,23 +24,27 @@ class TolerantImage(gr.Image):
             return None if payload is None else payload.path
 
 
-class _AsItIs:
-    """Hands a value the component's own preprocess refuses to the handler as it is."""
-
-    def preprocess(self, payload):
-        try:
-            return super().preprocess(payload)  # type: ignore[misc]  # the gradio class after it
-        except Exception:
-            return payload
-
-
-class TolerantSlider(_AsItIs, gr.Slider):
+# Each class repeats its few lines: gradio writes a type stub (inputs.pyi) per component class from
+# its own body, and a shared mixin would be a name that stub does not define.
+class TolerantSlider(gr.Slider):
     """gr.Slider that hands an emptied number box (None) or a typed value out of range as it is."""
 
     is_template = True
 
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except Exception:
+            return payload
 
-class TolerantNumber(_AsItIs, gr.Number):
+
+class TolerantNumber(gr.Number):
     """gr.Number that hands a value out of its range as it is."""
 
     is_template = True
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except Exception:
+            return payload

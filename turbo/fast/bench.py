@@ -41,9 +41,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+# from their own packages rather than diffusers' top level, whose lazy imports show type checkers
+# placeholder classes
+from diffusers.models import AutoencoderKL, UNet2DConditionModel
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from torch import nn
 from tqdm import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -66,7 +72,7 @@ VAE = dict(
     up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu",
     scaling_factor=0.18215, sample_size=768,
 )  # fmt: skip
-TEXT = dict(
+TEXT: dict[str, Any] = dict(  # CLIPTextConfig's keyword arguments
     vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
     num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
 )  # fmt: skip
@@ -91,6 +97,7 @@ def random_base(device: torch.device, dtype: torch.dtype) -> BaseModel:
     """SD-Turbo's full-size networks with random weights, frozen and in eval mode."""
     tokenizer = _char_tokenizer()
     ids = tokenizer.convert_tokens_to_ids(["<|startoftext|>", "<|endoftext|>"])
+    assert isinstance(ids, list)  # a list of tokens gives a list of ids
     torch.manual_seed(0)
     with torch.device(device):  # initialised where they run: a GPU draws 1.3 B random weights in no time
         text = CLIPTextModel(CLIPTextConfig(**TEXT, pad_token_id=0, bos_token_id=ids[0], eos_token_id=ids[1]))
@@ -219,8 +226,19 @@ def variants(args: argparse.Namespace, device: torch.device) -> list[Variant]:
 def _set_format(gen: Generator, channels_last: bool) -> None:
     gen.unfold()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    for net in (gen.unet, gen.vae):
+    # as nn.Module: diffusers' `@wraps(Module.to)` on its models' `to` reads as unbound to mypy
+    nets: tuple[nn.Module, ...] = (gen.unet, gen.vae)
+    for net in nets:
         net.to(memory_format=fmt)
+
+
+def _set_dtype(gen: Generator, base: BaseModel, dtype: torch.dtype) -> None:
+    gen.unfold()
+    gen.to(dtype)
+    # as nn.Module: transformers' `@wraps(Module.to)` on its models' `to` reads as unbound to mypy
+    text: nn.Module = base.text_encoder
+    text.to(dtype)
+    base.dtype = dtype
 
 
 def _runner(gen: Generator, base: BaseModel, v: Variant, model: str, gamma: float) -> Callable:
@@ -443,19 +461,13 @@ def main(argv: list[str] | None = None) -> int:
             for v in chosen:  # plain first: every other row is compared with it
                 bar.set_postfix_str(f"{size}px {v.name.split(' (')[0]}")
                 if v.dtype is not None and v.dtype != base.dtype:
-                    gen.unfold()
-                    gen.to(v.dtype)
-                    base.text_encoder.to(v.dtype)
-                    base.dtype = v.dtype
+                    _set_dtype(gen, base, v.dtype)
                 row, out = measure(gen, base, v, size, args, reference)
                 reference = out if reference is None else reference
                 rows.append(row)
                 bar.update()
             if base.dtype != dtype:  # back to the main dtype for the next size
-                gen.unfold()
-                gen.to(dtype)
-                base.text_encoder.to(dtype)
-                base.dtype = dtype
+                _set_dtype(gen, base, dtype)
     switches = switch_times(gen, args, device)
     compiled = compiled_switches(gen, base, args, device) if args.compile else []
     if args.profile_switch:

@@ -33,14 +33,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeGuard, cast
 
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from diffusers.models.upsampling import Upsample2D
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from turbo import lora
+from turbo.conv_in import SwitchableConvIn
 from turbo.errors import SettingError, TurboError
 from turbo.fast import exact_fold
 from turbo.fast.cuda_graph import GraphCache
@@ -103,23 +107,28 @@ def bf16_is_native(device: torch.device) -> bool:
     return False
 
 
+def _base_weight(layer: LoraLayer) -> torch.Tensor:
+    """The weight of the Linear or Conv2d a LoRA layer wraps."""
+    return cast(torch.Tensor, layer.get_base_layer().weight)  # nn.Module's lookup: Tensor | Module
+
+
 def _delta(layer: LoraLayer, adapter: str, scale: float) -> torch.Tensor:
     """The adapter's delta `scale * alpha / r * B @ A`, fp32, shape (out, fan_in)."""
-    a = layer.lora_A[adapter].weight.flatten(1).float()
-    b = layer.lora_B[adapter].weight.flatten(1).float()
+    a = lora.adapter_weight(layer.lora_A, adapter).flatten(1).float()
+    b = lora.adapter_weight(layer.lora_B, adapter).flatten(1).float()
     return (b @ a).mul_(scale * layer.lora_alpha[adapter] / layer.r[adapter])
 
 
 def _delta_rows(layer: LoraLayer, adapter: str, scale: float) -> exact_fold.DeltaRows:
     """The delta's rows flattened in the base weight's storage order (channels_last: out, kh, kw, in)."""
-    w = layer.get_base_layer().weight
-    a = layer.lora_A[adapter].weight.float()
+    w = _base_weight(layer)
+    a = lora.adapter_weight(layer.lora_A, adapter).float()
     if w.dim() == 4 and not w.is_contiguous():
         # A's columns in the weight's storage order, once per layer: each chunk's product then
         # comes out in that order, with no permuted copy per chunk.
         a = a.permute(0, 2, 3, 1)
     a = a.reshape(a.shape[0], -1)
-    b = layer.lora_B[adapter].weight.flatten(1).float()
+    b = lora.adapter_weight(layer.lora_B, adapter).flatten(1).float()
     s = scale * layer.lora_alpha[adapter] / layer.r[adapter]
 
     def rows(r0: int, r1: int) -> torch.Tensor:
@@ -137,7 +146,7 @@ class _FoldedLayer:
     copy: torch.Tensor | None = None
 
     def restore(self) -> None:
-        weight = self.layer.get_base_layer().weight
+        weight = _base_weight(self.layer)
         if self.copy is not None:
             exact_fold.copy_back_(weight, self.copy)
         elif self.record is None:
@@ -176,12 +185,12 @@ def _fold_layer(
     """Fold one adapter into its base weight, keeping what `mode` (`FastOptions.restore`) restores from.
 
     from_copy: the weight still holds another fold and its copy is valid: write copy + delta."""
-    weight = layer.get_base_layer().weight
+    weight = _base_weight(layer)
     rows = _delta_rows(layer, adapter, scale)
     if from_copy:
-        kept = copies[id(weight)]
-        exact_fold.add_from_(weight, kept.copy, rows)
-        return _FoldedLayer(layer, adapter, scale, None, kept.copy)
+        held = copies[id(weight)].copy
+        exact_fold.add_from_(weight, held, rows)
+        return _FoldedLayer(layer, adapter, scale, None, held)
     if mode == "record":
         return _FoldedLayer(layer, adapter, scale, exact_fold.add_(weight, rows))
     if mode == "none":
@@ -201,7 +210,13 @@ def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if isinstance(module, LoraLayer) else module
 
 
-def _plain_nearest_upsampler(up: nn.Module) -> bool:
+def _to_channels_last(*modules: nn.Module) -> None:
+    # through nn.Module: diffusers' `@wraps(Module.to)` on its models' `to` reads as unbound to mypy
+    for module in modules:
+        module.to(memory_format=torch.channels_last)
+
+
+def _plain_nearest_upsampler(up: nn.Module) -> TypeGuard[Upsample2D]:
     """A diffusers `Upsample2D` doing nearest 2x then a 3x3 conv (what SubpixelUpsample computes)."""
     return (
         isinstance(up, Upsample2D)
@@ -214,9 +229,20 @@ def _plain_nearest_upsampler(up: nn.Module) -> bool:
     )
 
 
+def _upsample_conv(up: Upsample2D) -> nn.Conv2d:
+    """The 3x3 conv (out of its LoRA wrapper) of an upsampler `_plain_nearest_upsampler` accepted."""
+    conv = cast(nn.Module, up.conv)  # diffusers' attribute reads as its first value's type
+    return cast(nn.Conv2d, _base(conv))  # `SubpixelUpsample.supports` checked it
+
+
+def _set_upsampler(block: nn.Module, up: nn.Module) -> None:
+    """Put `up` in place of a decoder up block's (only) upsampler."""
+    cast(nn.ModuleList, block.upsamplers)[0] = up  # diffusers' up blocks: a ModuleList or None
+
+
 def _conv_weights(conv: nn.Module, adapter: str, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A (possibly LoRA-wrapped) conv's effective weight (fp32) and bias with the adapter at `scale`."""
-    base = _base(conv)
+    base = cast(nn.Conv2d, _base(conv))
     w = base.weight.float()
     if isinstance(conv, LoraLayer) and adapter in conv.lora_A:
         w = w + _delta(conv, adapter, scale).view(w.shape)
@@ -237,43 +263,44 @@ class FastPath:
         p = next(unet.parameters())
         self.device, self.dtype = p.device, p.dtype
         if self.options.channels_last and not self.options.fold:  # folded networks convert in _enter
-            unet.to(memory_format=torch.channels_last)
-            vae.to(memory_format=torch.channels_last)
+            _to_channels_last(unet, vae)
         self.timestep = torch.tensor([generator.schedule.timestep], device=self.device, dtype=torch.long)
         # Persistent fused modules: their weights change in place, so compiled graphs stay valid.
-        self.conv_in = copy.deepcopy(unet.conv_in.pretrained).requires_grad_(False)
+        self.conv_in = copy.deepcopy(generator.conv_in.pretrained).requires_grad_(False)
         self.skips = SkipConvs(vae.skip_in_channels, vae.skip_out_channels, init=None)
         self.skips.requires_grad_(False).to(self.device, self.dtype)
         if self.options.channels_last:
             self.conv_in.to(memory_format=torch.channels_last)
             self.skips.to(memory_format=torch.channels_last)
         # (up block, its Upsample2D, the stand-in used while folded)
-        self.upsamplers: list[tuple[nn.Module, nn.Module, SubpixelUpsample]] = []
+        self.upsamplers: list[tuple[nn.Module, Upsample2D, SubpixelUpsample]] = []
         if self.options.subpixel and self.options.fold:
             for block in vae.decoder.up_blocks:
-                for up in block.upsamplers or []:
+                for up in cast("nn.ModuleList | None", block.upsamplers) or []:
                     if _plain_nearest_upsampler(up):
-                        self.upsamplers.append((block, up, SubpixelUpsample(_base(up.conv))))
+                        self.upsamplers.append((block, up, SubpixelUpsample(_upsample_conv(up))))
         self.active: tuple[str, str, float] | None = None
         self._unet_key: tuple | None = None
         self._vae_key: tuple | None = None
         self._unet_folds: list[_FoldedLayer] = []
         self._vae_folds: list[_FoldedLayer] = []
         self._stripped: dict[str, list[tuple[nn.Module, str, LoraLayer]]] = {"unet": [], "vae": []}
-        self._switchable_conv_in: nn.Module | None = None
+        self._switchable_conv_in: SwitchableConvIn | None = None  # the generator's, while folded
         self._split_norms = self.options.splits_group_norm(self.device)
         self._swapped_norms: list = []
-        self._unet, self._encode, self._decode = unet, vae.encode, vae.decode
+        self._unet: Callable[..., UNet2DConditionOutput] = unet
+        self._encode: Callable[[torch.Tensor], tuple[torch.Tensor, list[torch.Tensor]]] = vae.encode
+        self._decode: Callable[..., torch.Tensor] = vae.decode
         use_graphs = self.options.cuda_graph and self.options.fold and not self.options.compile
         self._graphs = GraphCache(self._forward) if use_graphs and self.device.type == "cuda" else None
         self._restore = self.options.restore_mode(self.device)
         # restore by copy: id(weight) -> its host copy, taken at the weight's first fold
         self._copies: dict[int, _BaseCopy] = {}
         if self.options.compile:
-            kw = {"mode": self.options.compile_mode} if self.options.compile_mode else {}
-            self._unet = torch.compile(unet, **kw)
-            self._encode = torch.compile(vae.encode, **kw)
-            self._decode = torch.compile(vae.decode, **kw)
+            mode = self.options.compile_mode or None  # None: torch.compile's default
+            self._unet = torch.compile(unet, mode=mode)
+            self._encode = torch.compile(vae.encode, mode=mode)
+            self._decode = torch.compile(vae.decode, mode=mode)
         # What `one_step` runs while folded: gamma's roles 1, 2 and 4 are in the weights.
         self._folded = StepNetworks(
             encode=self._encode, unet=self._unet, decode=self._decode, skips=self.skips,
@@ -301,8 +328,7 @@ class FastPath:
             # Outside inference mode (a call folds inside it): the new weights must stay normal
             # tensors, which restores and training may write in place.
             with torch.inference_mode(False):
-                g.unet.to(memory_format=torch.channels_last)
-                g.vae.to(memory_format=torch.channels_last)
+                _to_channels_last(g.unet, g.vae)
         for key, net, own in (("unet", g.unet, "conv_in"), ("vae", g.vae, "skips.")):
             for name, layer in list(lora.lora_layers(net)):
                 if name.startswith(own):  # per-model modules: replaced by fused copies instead
@@ -311,9 +337,10 @@ class FastPath:
                 parent = net.get_submodule(parent_name) if parent_name else net
                 setattr(parent, child, layer.get_base_layer())
                 self._stripped[key].append((parent, child, layer))
-        self._switchable_conv_in, g.unet.conv_in = g.unet.conv_in, self.conv_in
+        self._switchable_conv_in = g.conv_in
+        g.unet.conv_in = self.conv_in
         for block, _, sub in self.upsamplers:
-            block.upsamplers[0] = sub
+            _set_upsampler(block, sub)
         if self._split_norms:
             self._swapped_norms = swap_group_norms(g.unet) + swap_group_norms(g.vae)
         if self._graphs is not None:
@@ -334,9 +361,11 @@ class FastPath:
                 setattr(parent, child, layer)
             stripped.clear()
         if self._switchable_conv_in is not None:
-            self.generator.unet.conv_in, self._switchable_conv_in = self._switchable_conv_in, None
+            # cast: diffusers annotates a Conv2d; ours computes like one
+            self.generator.unet.conv_in = cast(nn.Conv2d, self._switchable_conv_in)
+            self._switchable_conv_in = None
         for block, up, _ in self.upsamplers:
-            block.upsamplers[0] = up
+            _set_upsampler(block, up)
         restore_group_norms(self._swapped_norms)
         self._swapped_norms = []
         self._unet_key = self._vae_key = self.active = None
@@ -367,7 +396,7 @@ class FastPath:
                 self._vae_folds = self._refold("vae", self._vae_folds, vae_key[0], gamma)
                 self._fuse_skips(vae_key[0], gamma)
                 for _, up, sub in self.upsamplers:
-                    sub.refresh(_base(up.conv))  # the conv may have had a LoRA delta folded in
+                    sub.refresh(_upsample_conv(up))  # the conv may have had a LoRA delta folded in
                 self._vae_key = vae_key
         self.active = (model, direction, gamma)
         logger.debug(
@@ -382,14 +411,14 @@ class FastPath:
         layers = [layer for _, _, layer in self._stripped[net] if adapter in layer.lora_A]
         rewrite: set[int] = set()
         if self._restore == "copy" and self.device.type == "cpu":
-            again = {id(layer.get_base_layer().weight) for layer in layers}
+            again = {id(_base_weight(layer)) for layer in layers}
             for f in old:
-                w = f.layer.get_base_layer().weight
+                w = _base_weight(f.layer)
                 kept = self._copies.get(id(w))
                 if id(w) in again and kept is not None and kept.weight is w and kept.state == _copy_state(w):
                     rewrite.add(id(w))
         for f in reversed(old):
-            if id(f.layer.get_base_layer().weight) not in rewrite:
+            if id(_base_weight(f.layer)) not in rewrite:
                 f.restore()
         return [
             _fold_layer(
@@ -398,27 +427,30 @@ class FastPath:
                 gamma,
                 self._restore,
                 self._copies,
-                id(layer.get_base_layer().weight) in rewrite,
+                id(_base_weight(layer)) in rewrite,
             )
             for layer in layers
         ]
 
     def _fuse_conv_in(self, mid: str, stochastic: bool, gamma: float) -> None:
-        conv = self._switchable_conv_in
+        conv, fused = self._switchable_conv_in, self.conv_in
+        assert conv is not None, "called while folded, when `_enter` has put the generator's aside"
         w, b = _conv_weights(conv.trained[mid], mid, gamma)
+        assert b is not None and fused.bias is not None, "SD-Turbo's first conv has a bias"
         if mid in conv.twins:
             tw, tb = _conv_weights(conv.twins[mid], mid, gamma)
+            assert tb is not None, "a twin copies the pretrained first conv, bias included"
             w = tw * (1 - gamma) + w * gamma
             b = tb * (1 - gamma) + b * gamma
-        self.conv_in.weight.copy_(w)
-        self.conv_in.bias.copy_(b)
+        fused.weight.copy_(w)
+        fused.bias.copy_(b)
 
     def _fuse_skips(self, vid: str, gamma: float) -> None:
         # The decoder scales each skip activation by gamma before its (linear) conv: fold it in.
-        trained = self.generator.vae.skips[vid]
+        trained = self.generator.skips(vid)
         for i in range(len(trained.names)):
             w, _ = _conv_weights(trained[i], vid, gamma)
-            self.skips[i].weight.copy_(w * gamma)
+            self.skips.base(i).weight.copy_(w * gamma)
 
     # ---- the forward pass ----
     def __call__(
@@ -451,13 +483,15 @@ class FastPath:
                 m = g.check_active(model, direction)
                 net = dataclasses.replace(
                     self._folded,
-                    skips=g.vae.skips[m.vae_id(direction)],
+                    skips=g.skips(m.vae_id(direction)),
                     adapt=lambda gm: g.activate(model, direction, gm),
                     skips_scaled=False,
                 )
                 return one_step(net, x, text_emb, gamma, noise)
             if self._graphs is None:
-                net = dataclasses.replace(self._folded, adapt=lambda gm: self.fold(model, direction, gm))
+                net = dataclasses.replace(
+                    self._folded, adapt=lambda gm: self.fold(model, direction, float(gm))
+                )
                 return one_step(net, x, text_emb, gamma, noise)
             self.fold(model, direction, gamma)  # outside the graph: a capture cannot fold
             if noise is None:
