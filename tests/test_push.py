@@ -14,6 +14,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -539,7 +540,10 @@ def test_a_push_waiting_behind_an_upload_is_replaced_by_a_newer_one(models, tmp_
     ]
     hub.checkpoint(10, ckpt, model)  # the last step: left to finish
     gate.set()
-    assert hub.finish(10, ckpt, model) is True
+    deadline = time.monotonic() + 60  # step 3 goes up once step 1's upload is let through
+    while len(rec.commits) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert hub.finish(10, ckpt, model) is True  # (a push still waiting would be replaced by it)
     messages = [(c["commit_message"], c["error"] is None) for c in rec.commits]
     assert messages == [
         ("Training checkpoint, step 1", False),
