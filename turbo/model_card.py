@@ -18,6 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from turbo.base import DEFAULT_BASE
 from turbo.formats import TurboCheckpoint
+from turbo.pipeline import DEFAULT_GAMMA
 
 LIBRARY_NAME = "turbo"
 PIPELINE_TAG = "image-to-image"
@@ -25,7 +26,6 @@ DEFAULT_LICENSE = "other"  # the weights adapt the base, whose own license appli
 KIND_TAGS = {"paired": "pix2pix-turbo", "unpaired": "cyclegan-turbo"}
 # which way each validation figure is better, for the card's table
 BETTER = {"fid": "lower", "dino_struct": "lower", "l2": "lower", "lpips": "lower", "psnr": "higher"}
-PIPELINE_DEFAULT_GAMMA = 0.4  # what turbo.pipeline gives a stochastic model when no gamma is asked for
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -167,7 +167,7 @@ def _what(ckpt: TurboCheckpoint, base_on_hub: bool) -> str:
             lines.append(
                 "- Stochastic: gamma in [0, 1] sets how closely the output follows the input: 1 is "
                 "deterministic, lower values blend in more of a noise map (the seed picks it) for varied "
-                f"outputs; default {PIPELINE_DEFAULT_GAMMA}"
+                f"outputs; default {DEFAULT_GAMMA}"
             )
         else:
             lines.append("- Deterministic: no gamma")
@@ -199,7 +199,7 @@ def _usage(ckpt: TurboCheckpoint, repo_id: str) -> str:
     cli = []
     if ckpt.kind == "paired":
         prompt = ckpt.prompt_for("a2b") or "a description of the output"
-        gamma = f" --gamma {PIPELINE_DEFAULT_GAMMA}" if ckpt.stochastic else ""
+        gamma = f" --gamma {DEFAULT_GAMMA}" if ckpt.stochastic else ""
         cli.append(
             f"python -m turbo translate --model {repo_id} --input input.png --output output.png "
             f"--prompt {_shell(prompt)}{gamma}{base}"

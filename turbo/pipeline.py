@@ -73,6 +73,8 @@ class Translation:
     gamma: float
 
 
+# A stochastic model's gamma when none is asked for (the released sketch model's, as the original demo).
+DEFAULT_GAMMA = 0.4
 # Seeds the app and the CLI take: exact in the browser's numbers (doubles), the same in both.
 MAX_SEED = 2**32 - 1
 # What `preprocess` may override a paired model's input preparation with.
@@ -124,7 +126,8 @@ def _info_for(source: ModelSource, ckpt: TurboCheckpoint, version: tuple[int, in
     return ModelInfo(
         key=key, name=name, kind=ckpt.kind, stochastic=ckpt.stochastic, directions=ckpt.directions,
         preprocess=ckpt.preprocess, image_prep=ckpt.image_prep, prompts=dict(ckpt.prompts),
-        default_direction=default_direction, default_gamma=0.4 if ckpt.stochastic else None, version=version,
+        default_direction=default_direction, default_gamma=DEFAULT_GAMMA if ckpt.stochastic else None,
+        version=version,
     )  # fmt: skip
 
 

@@ -29,6 +29,7 @@ from turbo.errors import TurboError
 from turbo.formats import CheckpointError
 from turbo.model_source import FORMS, ModelNameError, model_file, parse_model
 from turbo.pipeline import (
+    DEFAULT_GAMMA,
     MAX_SEED,
     GammaError,
     ModelInfo,
@@ -67,7 +68,6 @@ except ImportError:  # anywhere else: no-op
 
 NO_STYLE = "(no style)"
 STYLE_CHOICES = [NO_STYLE, *STYLES]
-DEFAULT_GAMMA = 0.4
 INPUT_WORDS = {
     "canny": "Canny edges of your image",
     "sketch": "your sketch (dark strokes on white)",

@@ -35,7 +35,7 @@ from turbo.base import DEFAULT_BASE, DTYPES  # noqa: E402
 from turbo.cli import check_device  # noqa: E402
 from turbo.errors import TurboError  # noqa: E402
 from turbo.model_source import FORMS, ModelNameError, parse_model  # noqa: E402
-from turbo.pipeline import get_pipeline  # noqa: E402
+from turbo.pipeline import DEFAULT_GAMMA, get_pipeline  # noqa: E402
 from turbo.registry import DEFAULT_STYLE  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent / "examples"
@@ -242,7 +242,7 @@ def build_demo(args: argparse.Namespace, app: TurboApp | None = None) -> gr.Bloc
                 )
                 style = gr.Dropdown(STYLE_CHOICES, value=DEFAULT_STYLE, label="Style", elem_id="style")
                 # an emptied box (None) or a value out of range reaches the handler (see inputs.py)
-                gamma = TolerantSlider(0, 1, value=0.4, step=0.05, label="Gamma", elem_id="gamma")
+                gamma = TolerantSlider(0, 1, value=DEFAULT_GAMMA, step=0.05, label="Gamma", elem_id="gamma")
                 with gr.Row():
                     seed = TolerantNumber(
                         value=42, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", elem_id="seed",
